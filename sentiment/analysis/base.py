@@ -1,0 +1,82 @@
+"""The interface every analyzer implements, and the result it returns per text."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+import attrs
+
+from .labels import EMOTIONS, SENTIMENTS
+
+
+def _distribution(allowed: tuple[str, ...]) -> object:
+    def check(_instance: object, attribute: attrs.Attribute[object], value: Mapping[str, float]) -> None:
+        if set(value) != set(allowed):
+            raise ValueError(f"{attribute.name} must score exactly {allowed}, got {sorted(value)}")
+        if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in value.values()):
+            raise ValueError(f"{attribute.name} scores must be probabilities, got {dict(value)}")
+
+    return check
+
+
+@attrs.frozen
+class Analysis:
+    """One text's result: labels with their probability, the full distributions, and who produced it."""
+
+    sentiment_scores: Mapping[str, float] = attrs.field(validator=_distribution(SENTIMENTS))  # type: ignore[arg-type]
+    emotion_scores: Mapping[str, float] = attrs.field(validator=_distribution(EMOTIONS))  # type: ignore[arg-type]
+    model: str = attrs.field(validator=attrs.validators.min_len(1))
+
+    @property
+    def sentiment(self) -> str:
+        return max(self.sentiment_scores, key=self.sentiment_scores.__getitem__)
+
+    @property
+    def sentiment_score(self) -> float:
+        return self.sentiment_scores[self.sentiment]
+
+    @property
+    def emotion(self) -> str:
+        return max(self.emotion_scores, key=self.emotion_scores.__getitem__)
+
+    @property
+    def emotion_score(self) -> float:
+        return self.emotion_scores[self.emotion]
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "sentiment": self.sentiment,
+            "sentiment_score": round(self.sentiment_score, 4),
+            "emotion": self.emotion,
+            "emotion_score": round(self.emotion_score, 4),
+            "scores": {"sentiment": dict(self.sentiment_scores), "emotion": dict(self.emotion_scores)},
+            "model": self.model,
+        }
+
+
+_EMPTY = Analysis(
+    {s: float(s == "neutral") for s in SENTIMENTS}, {e: float(e == "neutral") for e in EMOTIONS}, "empty-text"
+)
+
+
+def empty_result(model: str) -> Analysis:
+    """A text with nothing in it carries no sentiment: neutral/neutral with certainty, without inference."""
+    return Analysis(_EMPTY.sentiment_scores, _EMPTY.emotion_scores, model)
+
+
+class Analyzer(Protocol):
+    """A batch of texts in, one Analysis per text out, in the same order.
+
+    `load` may block for seconds (it runs in a worker thread or awaits I/O); `analyze` raises ModelError
+    (or an error of its own) when the batch fails, and the pipeline then isolates the failing text."""
+
+    name: str
+
+    @property
+    def loaded(self) -> bool: ...
+
+    async def load(self) -> None: ...
+
+    async def analyze(self, texts: Sequence[str]) -> list[Analysis]: ...

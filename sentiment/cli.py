@@ -1,0 +1,126 @@
+"""`python -m sentiment [run|migrate|analyze|stats|produce] …`"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from .config import Settings
+from .errors import ConfigError, SentimentError
+
+ENV_HELP = """settings come from the environment and a .env file in the working directory (environment wins):
+  DATABASE_URL, REDIS_URL (or REDIS_HOST/REDIS_PORT), REDIS_STREAM_NAME, REDIS_CONSUMER_GROUP, CONSUMER_NAME,
+  BATCH_SIZE, BLOCK_MS, CLAIM_MIN_IDLE_MS, RECLAIM_INTERVAL_MS, MAX_DELIVERIES, DEAD_LETTER_STREAM,
+  SHUTDOWN_GRACE_S, MODEL_TYPE, LLM_PROVIDER, LLM_API_KEY, LLM_MODEL, METRICS_PORT, LOG_FORMAT;
+  see README.md"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sentiment",
+        description="Classify social-media posts from a Redis Stream into PostgreSQL.",
+        epilog=ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser(
+        "run",
+        help="run the worker (the default command)",
+        epilog=ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument(
+        "--drain",
+        action="store_true",
+        help="process everything pending or new, then exit 0 when the group owes nothing",
+    )
+    sub.add_parser("migrate", help="create or upgrade the database schema, then exit")
+    analyze = sub.add_parser("analyze", help="classify texts given as arguments or one per line on stdin")
+    analyze.add_argument("texts", nargs="*", help="texts to classify (default: read stdin)")
+    stats = sub.add_parser("stats", help="stream, group, pending and table figures")
+    stats.add_argument("--json", action="store_true", help="one JSON object")
+    stats.add_argument(
+        "--watch",
+        type=float,
+        metavar="SECONDS",
+        nargs="?",
+        const=2.0,
+        help="refresh in place every SECONDS (default 2)",
+    )
+    produce = sub.add_parser("produce", help="publish posts to the stream from a file or synthetic ones")
+    produce.add_argument(
+        "file", nargs="?", help="JSON lines or CSV with post_id, source, content, author, created_at"
+    )
+    produce.add_argument("-n", "--count", type=int, default=0, help="publish N synthetic posts")
+    produce.add_argument("--seed", type=int, default=1, help="seed for synthetic posts")
+    produce.add_argument(
+        "--flat", action="store_true", help="flat stream fields instead of one `data` JSON field"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = args.command or "run"
+    try:
+        settings = Settings.from_env()
+        from .logs import setup_logging
+
+        setup_logging(settings.log_level, settings.log_format)
+        if command == "run":
+            from .service import run_worker
+
+            trio.run(lambda: run_worker(settings, drain=getattr(args, "drain", False)))
+        elif command == "migrate":
+            version = trio.run(_migrate, settings)
+            print(f"schema at version {version}")
+        elif command == "analyze":
+            return trio.run(_analyze, settings, args.texts or [line.rstrip("\n") for line in sys.stdin])
+        elif command == "stats":
+            from .stats import run_stats
+
+            trio.run(lambda: run_stats(settings, as_json=args.json, watch=args.watch))
+        elif command == "produce":
+            from .produce import run_produce
+
+            if not args.file and args.count <= 0:
+                print("sentiment: produce needs a FILE or --count N", file=sys.stderr)
+                return 2
+            trio.run(
+                lambda: run_produce(
+                    settings, path=args.file, count=args.count, seed=args.seed, flat=args.flat
+                )
+            )
+    except ConfigError as exc:
+        print(f"sentiment: {exc}", file=sys.stderr)
+        return 2
+    except SentimentError as exc:
+        print(f"sentiment: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+async def _migrate(settings: Settings) -> int:
+    from .store import PostgresStore
+
+    store = PostgresStore(settings.database_url)
+    try:
+        return await store.migrate()
+    finally:
+        await store.aclose()
+
+
+async def _analyze(settings: Settings, texts: list[str]) -> int:
+    from .analysis import build_analyzer
+
+    analyzer = build_analyzer(settings)
+    results = await analyzer.analyze(texts)
+    for text, result in zip(texts, results, strict=True):
+        print(json.dumps({"text": text, **result.as_dict()}, ensure_ascii=False))
+    return 0

@@ -1,0 +1,240 @@
+"""The worker: one nursery supervising reader, reclaimer, analysis and writer tasks, joined by
+bounded channels.
+
+    reader ─┐                      (capacity 1)              (capacity 1)
+            ├─► batches ─► analysis (model in a thread) ─► analysed ─► writer: COMMIT, then XACK
+    reclaim ┘
+
+Back-pressure: channels hold one batch each, so a slow model or a PostgreSQL outage stops XREADGROUP.
+An entry leaves the pending list only through the writer, after its rows are committed (or after it was
+copied to the dead-letter stream). Whatever is in flight when the worker stops stays pending for reclaim.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import attrs
+import trio
+
+from .processing import Analysed, Outcome, Processor
+from .retry import retrying
+from .stream import Entry, id_key
+
+log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class Batch:
+    entries: tuple[Entry, ...]
+    read_at: float  # trio clock, for end-to-end timing
+
+
+@attrs.define
+class Totals:
+    """Counters since start, for the periodic summary line and the metrics."""
+
+    read: int = 0
+    written: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    retried: int = 0
+    deleted: int = 0
+    reclaimed: int = 0
+    batches: int = 0
+
+    def add(self, outcome: Outcome) -> None:
+        self.written += outcome.written
+        self.duplicates += outcome.duplicates
+        self.dead_lettered += outcome.dead_lettered
+        self.retried += outcome.retried
+        self.batches += 1
+
+
+class Worker:
+    """Run with `await worker.run(drain=...)`; `stop()` (signal handler) starts a graceful shutdown."""
+
+    def __init__(self, processor: Processor) -> None:
+        self.processor = processor
+        self.settings = processor.settings
+        self.stream = processor.stream
+        self.totals = Totals()
+        self.inflight: dict[str, None] = {}  # entry IDs read and not yet acked, dead-lettered or released
+        self.last_progress = 0.0  # trio time of the last batch through any stage, for /healthz
+        self.on_commit: list[object] = []  # hooks (metrics) called as hook(outcome, analysed, batch)
+        # Reader and reclaimer each run in one of these; cancelling both stops taking work.
+        self._intake = (trio.CancelScope(), trio.CancelScope())
+        self._commits: set[trio.CancelScope] = set()
+        self._hard_stop = trio.CancelScope()
+        self._deadline = math.inf  # set by stop(): when batches still in flight get cancelled
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+
+    async def run(
+        self, *, drain: bool = False, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        p = self.processor
+        await retrying(p.redis, self.stream.ensure_group)
+        await retrying(p.postgres, p.store.migrate)
+        if self.settings.model_eager:
+            await p.analyzer.load()
+        self.last_progress = trio.current_time()
+        with self._hard_stop:
+            async with trio.open_nursery() as nursery:
+                batch_send, batch_recv = trio.open_memory_channel[Batch](1)
+                done_send, done_recv = trio.open_memory_channel[tuple[Batch, Analysed]](1)
+                background = trio.CancelScope()
+                with batch_send:
+                    await nursery.start(self._read, batch_send.clone(), drain)
+                    nursery.start_soon(self._reclaim, batch_send.clone())
+                nursery.start_soon(self._analyse, batch_recv, done_send)
+                nursery.start_soon(self._write, done_recv, background)
+                nursery.start_soon(self._background, background)
+                task_status.started()
+
+    def stop(self) -> None:
+        """Stop reading now; let batches in flight finish within SHUTDOWN_GRACE_S, then cancel the rest."""
+        if self._deadline < math.inf:
+            return
+        log.info("stopping: finishing batches in flight (grace %.0f s)", self.settings.shutdown_grace_s)
+        self._stop_intake()
+        self._deadline = trio.current_time() + self.settings.shutdown_grace_s
+        # Shielded commits ignore the outer deadline: give each its own, so the grace period binds them too.
+        # A commit cut here leaves its entries pending (at worst written, not acked: redelivery is a no-op).
+        for scope in (self._hard_stop, *self._commits):
+            scope.deadline = self._deadline
+
+    def _stop_intake(self) -> None:
+        for scope in self._intake:
+            scope.cancel()
+
+    # -- stages ------------------------------------------------------------------------------------------
+
+    async def _read(
+        self,
+        send: trio.MemorySendChannel[Batch],
+        drain: bool,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        p, s = self.processor, self.settings
+        with send, self._intake[0]:
+            task_status.started()
+            # Our own pending entries first (a restart under the same CONSUMER_NAME), paging by ID.
+            cursor = "0"
+            while True:
+                entries, deleted = await retrying(p.redis, self.stream.read, cursor, s.batch_size, None)
+                await self._ack_deleted(deleted)
+                if not entries and not deleted:
+                    break
+                cursor = max([e.id for e in entries] + deleted, key=id_key)
+                entries = await retrying(p.redis, self.stream.with_deliveries, entries)
+                await self._send(send, entries)
+            # Then new ones. In drain mode a short block, and stop once the group owes nothing.
+            block = min(s.block_ms, 200) if drain else s.block_ms
+            while True:
+                entries, _ = await retrying(p.redis, self.stream.read, ">", s.batch_size, block)
+                if entries:
+                    await self._send(send, entries)
+                elif drain and not self.inflight and await retrying(p.redis, self.stream.pending_count) == 0:
+                    log.info("drained: nothing new or pending for group %s", s.group)
+                    self._stop_intake()
+
+    async def _reclaim(self, send: trio.MemorySendChannel[Batch]) -> None:
+        """Every RECLAIM_INTERVAL_MS, take over entries idle over CLAIM_MIN_IDLE_MS (dead consumers')."""
+        p, s = self.processor, self.settings
+        with send, self._intake[1]:
+            while True:
+                cursor = "0-0"
+                while True:
+                    claimed = await retrying(
+                        p.redis, self.stream.autoclaim, cursor, s.claim_min_idle_ms, s.batch_size
+                    )
+                    await self._ack_deleted(list(claimed.deleted))
+                    fresh = [e for e in claimed.entries if e.id not in self.inflight]
+                    if fresh:
+                        self.totals.reclaimed += len(fresh)
+                        log.info("reclaimed %d idle entries", len(fresh))
+                        await self._send(send, fresh)
+                    cursor = claimed.cursor
+                    if cursor in ("0-0", "0"):
+                        break
+                await trio.sleep(s.reclaim_interval_ms / 1000)
+
+    async def _analyse(
+        self, recv: trio.MemoryReceiveChannel[Batch], send: trio.MemorySendChannel[tuple[Batch, Analysed]]
+    ) -> None:
+        with recv, send:
+            async for batch in recv:
+                analysed = await self.processor.analyse(batch.entries)
+                await send.send((batch, analysed))
+
+    async def _write(
+        self, recv: trio.MemoryReceiveChannel[tuple[Batch, Analysed]], background: trio.CancelScope
+    ) -> None:
+        with recv:
+            async for batch, analysed in recv:
+                with trio.CancelScope(shield=True, deadline=self._deadline) as scope:
+                    self._commits.add(scope)
+                    try:
+                        outcome = await self.processor.commit(analysed)
+                    finally:
+                        self._commits.discard(scope)
+                for entry in batch.entries:
+                    self.inflight.pop(entry.id, None)
+                self.totals.add(outcome)
+                self.last_progress = trio.current_time()
+                for hook in self.on_commit:
+                    hook(outcome, analysed, batch)  # type: ignore[operator]
+        background.cancel()  # every producer is done: the helpers have nothing left to look after
+
+    async def _background(self, scope: trio.CancelScope) -> None:
+        with scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._renew_leases)
+                nursery.start_soon(self._summaries)
+
+    async def _renew_leases(self) -> None:
+        """Reset the idle time of entries in flight (XCLAIM … JUSTID to ourselves) well before
+        CLAIM_MIN_IDLE_MS, so a slow batch is not reclaimed by another worker while we work on it."""
+        period = max(self.settings.claim_min_idle_ms / 3000, 0.001)
+        while True:
+            await trio.sleep(period)
+            ids = list(self.inflight)
+            if ids:
+                await retrying(self.processor.redis, self.stream.renew, ids)
+
+    async def _summaries(self, every: float = 30.0) -> None:
+        last, last_t = attrs.evolve(self.totals), trio.current_time()
+        while True:
+            await trio.sleep(every)
+            t, now = self.totals, trio.current_time()
+            rate = (t.written - last.written) / max(now - last_t, 1e-9)
+            log.info(
+                "%.1f posts/s; written %d, duplicates %d, dead-lettered %d, retried %d, reclaimed %d, "
+                "in flight %d",
+                rate,
+                t.written,
+                t.duplicates,
+                t.dead_lettered,
+                t.retried,
+                t.reclaimed,
+                len(self.inflight),
+            )
+            last, last_t = attrs.evolve(t), now
+
+    # -- helpers -----------------------------------------------------------------------------------------
+
+    async def _send(self, send: trio.MemorySendChannel[Batch], entries: list[Entry]) -> None:
+        for e in entries:
+            self.inflight[e.id] = None
+        self.totals.read += len(entries)
+        await send.send(Batch(tuple(entries), trio.current_time()))
+
+    async def _ack_deleted(self, ids: list[str]) -> None:
+        """Pending IDs whose stream entry was deleted (XDEL, trimming) cannot be processed: ack them."""
+        if ids:
+            await retrying(self.processor.redis, self.stream.ack, ids)
+            self.totals.deleted += len(ids)
+            log.warning("acked %d pending entries that were deleted from the stream", len(ids))

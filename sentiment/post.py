@@ -1,0 +1,105 @@
+"""Posts as they arrive on the stream: parsed and validated, or rejected with a reason for the dead-letter."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+
+from .errors import InvalidPost
+
+MAX_ID_CHARS = 256
+MAX_META_CHARS = 1000
+
+
+def entry_time(entry_id: str) -> datetime:
+    """The time Redis gave the entry: the millisecond part of its ID."""
+    millis = int(entry_id.split("-", 1)[0])
+    return datetime.fromtimestamp(millis / 1000, tz=UTC)
+
+
+@attrs.frozen
+class Post:
+    entry_id: str
+    post_id: str
+    content: str
+    source: str
+    author: str
+    created_at: datetime
+
+    @classmethod
+    def from_fields(cls, entry_id: str, fields: Mapping[bytes, bytes], max_content_bytes: int) -> Post:
+        """Accept the seed's flat fields or one `data` field holding that JSON object; else InvalidPost."""
+        if b"data" in fields:
+            raw = _utf8(fields[b"data"], "data")
+            try:
+                obj = json.loads(raw)
+            except ValueError as exc:
+                raise InvalidPost(f"field data is not valid JSON: {exc.msg} at position {exc.pos}") from None
+            if not isinstance(obj, dict):
+                raise InvalidPost(f"field data must hold a JSON object, got {type(obj).__name__}")
+            values: dict[str, Any] = obj
+        else:
+            values = {_utf8(k, "a field name"): v for k, v in fields.items()}
+            values = {k: _utf8(v, k) for k, v in values.items()}
+
+        content = _text(values, "content", required=True)
+        size = len(content.encode("utf-8"))
+        if size > max_content_bytes:
+            raise InvalidPost(f"content is {size} bytes, over the limit of {max_content_bytes}")
+        post_id = _text(values, "post_id", required=True)
+        if not post_id.strip():
+            raise InvalidPost("post_id is empty")
+        if len(post_id) > MAX_ID_CHARS:
+            raise InvalidPost(f"post_id is {len(post_id)} characters, over the limit of {MAX_ID_CHARS}")
+        if "\x00" in post_id:
+            raise InvalidPost("post_id contains a NUL character")
+        return cls(
+            entry_id=entry_id,
+            post_id=post_id,
+            # PostgreSQL text cannot hold NUL; it carries no meaning in a post, so it is dropped.
+            content=content.replace("\x00", ""),
+            source=_meta(values, "source"),
+            author=_meta(values, "author"),
+            created_at=_created_at(values.get("created_at"), entry_id),
+        )
+
+
+def _utf8(value: bytes, what: str) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidPost(f"{what} is not valid UTF-8 (byte {exc.start})") from None
+
+
+def _text(values: Mapping[str, Any], name: str, *, required: bool) -> str:
+    value = values.get(name)
+    if value is None:
+        if required:
+            raise InvalidPost(f"required field {name} is missing")
+        return ""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise InvalidPost(f"{name} must be a string, got {type(value).__name__}")
+    return str(value)
+
+
+def _meta(values: Mapping[str, Any], name: str) -> str:
+    value = _text(values, name, required=False).replace("\x00", "")
+    if len(value) > MAX_META_CHARS:
+        raise InvalidPost(f"{name} is {len(value)} characters, over the limit of {MAX_META_CHARS}")
+    return value
+
+
+def _created_at(value: Any, entry_id: str) -> datetime:
+    if value is None or value == "":
+        return entry_time(entry_id)
+    if not isinstance(value, str):
+        raise InvalidPost(f"created_at must be an ISO-8601 string, got {type(value).__name__}")
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise InvalidPost(f"created_at is not an ISO-8601 date: {value[:64]!r}") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)

@@ -1,0 +1,61 @@
+"""Retrying transient failures: exponential backoff with jitter, on trio's clock, one log line per outage."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import tenacity
+import trio
+
+from .errors import TransientError
+
+T = TypeVar("T")
+log = logging.getLogger("sentiment.retry")
+
+
+class Service:
+    """Up/down state of one dependency (Redis, PostgreSQL), shared by every task that uses it, so an
+    outage is logged once when it starts and once when it ends, however many tasks retry through it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.up = True
+        self._down_since = 0.0
+        self.on_change: Callable[[bool], None] = lambda up: None
+
+    def failed(self, exc: BaseException) -> None:
+        if self.up:
+            self.up = False
+            self._down_since = trio.current_time()
+            log.warning("%s unavailable: %s; retrying with backoff", self.name, exc)
+            self.on_change(False)
+
+    def succeeded(self) -> None:
+        if not self.up:
+            self.up = True
+            log.warning("%s is back after %.1f s", self.name, trio.current_time() - self._down_since)
+            self.on_change(True)
+
+
+async def retrying(
+    service: Service, op: Callable[..., Awaitable[T]], *args: Any, max_wait: float = 10.0, attempts: int = 0
+) -> T:
+    """Run `op(*args)` until it succeeds, backing off on TransientError; other errors propagate at once.
+
+    `attempts` > 0 bounds the tries (then the last TransientError propagates)."""
+    stop = tenacity.stop_after_attempt(attempts) if attempts else tenacity.stop_never
+    retryer = tenacity.AsyncRetrying(
+        retry=tenacity.retry_if_exception_type(TransientError),
+        wait=tenacity.wait_exponential_jitter(multiplier=0.05, max=max_wait),
+        stop=stop,
+        sleep=trio.sleep,
+        reraise=True,
+        before_sleep=lambda state: service.failed(state.outcome.exception()) if state.outcome else None,
+    )
+    async for attempt in retryer:
+        with attempt:
+            result = await op(*args)
+    service.succeeded()
+    return result

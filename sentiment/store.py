@@ -1,0 +1,239 @@
+"""The store: posts and analyses in PostgreSQL, written a batch per transaction, idempotently.
+
+psycopg has no trio support. Two ways were open: its async connection through trio-asyncio, or a sync
+connection driven from a worker thread. We use the sync one in a thread: a batch is one thread hop for the
+whole COPY + INSERT + COMMIT (the asyncio route pays a loop crossing per statement and per COPY block), and
+in scripts/bench_pipeline.py the thread route measured faster (see the README).
+
+Bulk path: COPY into a temporary table, then INSERT … SELECT … ON CONFLICT DO NOTHING into both tables.
+COPY streams the batch in one message; the conflict clause makes a redelivered entry a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+from importlib import resources
+from typing import Any, Protocol
+
+import attrs
+import psycopg
+import trio
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from .analysis.base import Analysis
+from .config import mask_url
+from .errors import ConfigError, StoreError, StoreFailure, StoreUnavailable
+from .post import Post
+
+log = logging.getLogger(__name__)
+
+_MIGRATION_LOCK = 0x5E171E  # pg_advisory_xact_lock key: one migrator at a time across workers
+
+
+@attrs.frozen
+class Record:
+    post: Post
+    analysis: Analysis
+
+
+@attrs.frozen
+class WriteResult:
+    posts_inserted: int
+    analyses_inserted: int
+
+
+@attrs.frozen
+class TableCounts:
+    posts: int
+    analyses: int
+    last_analyzed_at: datetime | None
+
+
+class Store(Protocol):
+    async def migrate(self) -> int: ...
+    async def write(self, records: Sequence[Record]) -> WriteResult: ...
+    async def ping(self) -> bool: ...
+
+
+_COLUMNS = (
+    "post_id",
+    "source",
+    "content",
+    "author",
+    "created_at",
+    "sentiment",
+    "sentiment_score",
+    "emotion",
+    "emotion_score",
+    "scores",
+    "model",
+    "stream_entry_id",
+)
+_TEMP_TABLE = """
+CREATE TEMP TABLE incoming (
+    post_id text, source text, content text, author text, created_at timestamptz,
+    sentiment text, sentiment_score real, emotion text, emotion_score real, scores text,
+    model text, stream_entry_id text
+) ON COMMIT DELETE ROWS
+"""
+_INSERT_POSTS = """
+INSERT INTO social_media_posts (post_id, source, content, author, created_at)
+SELECT post_id, source, content, author, created_at FROM incoming
+ON CONFLICT (post_id) DO NOTHING
+"""
+_INSERT_ANALYSES = """
+INSERT INTO sentiment_analysis
+    (post_id, sentiment, sentiment_score, emotion, emotion_score, scores, model, stream_entry_id)
+SELECT post_id, sentiment, sentiment_score, emotion, emotion_score, scores::jsonb, model, stream_entry_id
+FROM incoming
+ON CONFLICT (post_id, model) DO NOTHING
+"""
+
+
+def _row(record: Record) -> tuple[Any, ...]:
+    p, a = record.post, record.analysis
+    scores = json.dumps({"sentiment": dict(a.sentiment_scores), "emotion": dict(a.emotion_scores)})
+    return (
+        p.post_id,
+        p.source,
+        p.content,
+        p.author,
+        p.created_at,
+        a.sentiment,
+        a.sentiment_score,
+        a.emotion,
+        a.emotion_score,
+        scores,
+        a.model,
+        p.entry_id,
+    )
+
+
+class PostgresStore:
+    """One connection, used by one thread at a time (a CapacityLimiter of 1); reconnects after a failure."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self._conn: psycopg.Connection[Any] | None = None
+        self._has_temp = False
+        self._limiter = trio.CapacityLimiter(1)
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._close, limiter=self._limiter)
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = None
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = _connect_or_create(self.dsn)
+            self._has_temp = False
+        return self._conn
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await trio.to_thread.run_sync(self._guarded, fn, *args, limiter=self._limiter)
+
+    def _guarded(self, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(self._connect(), *args)
+        except psycopg.OperationalError as exc:
+            # The connection broke (server gone, cut at commit): the transaction's fate is unknown, so the
+            # caller retries the whole batch and ON CONFLICT absorbs it if it had committed.
+            self._close()
+            raise StoreUnavailable(f"PostgreSQL at {mask_url(self.dsn)}: {str(exc).strip()}") from exc
+        except (psycopg.DataError, psycopg.IntegrityError) as exc:
+            raise StoreError(f"PostgreSQL refused the data: {str(exc).strip()}") from exc
+        except psycopg.Error as exc:
+            raise StoreFailure(f"PostgreSQL at {mask_url(self.dsn)}: {str(exc).strip()}") from exc
+
+    async def ping(self) -> bool:
+        await self._run(lambda conn: conn.execute("SELECT 1"))
+        return True
+
+    async def migrate(self) -> int:
+        """Apply the numbered SQL files not yet recorded in schema_version; returns the schema version."""
+        return int(await self._run(_migrate))
+
+    async def write(self, records: Sequence[Record]) -> WriteResult:
+        if not records:
+            return WriteResult(0, 0)
+        result: WriteResult = await self._run(self._write, [_row(r) for r in records])
+        return result
+
+    def _write(self, conn: psycopg.Connection[Any], rows: list[tuple[Any, ...]]) -> WriteResult:
+        if not self._has_temp:
+            conn.execute(_TEMP_TABLE)  # outside the batch transaction, so a rollback cannot drop it
+            self._has_temp = True
+        with conn.transaction(), conn.cursor() as cur:
+            with cur.copy(f"COPY incoming ({', '.join(_COLUMNS)}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+            cur.execute(_INSERT_POSTS)
+            posts = cur.rowcount
+            cur.execute(_INSERT_ANALYSES)
+            return WriteResult(posts, cur.rowcount)
+
+    async def counts(self) -> TableCounts:
+        def query(conn: psycopg.Connection[Any]) -> TableCounts:
+            row = conn.execute(
+                "SELECT (SELECT count(*) FROM social_media_posts), count(*), max(analyzed_at)"
+                " FROM sentiment_analysis"
+            ).fetchone()
+            assert row is not None
+            return TableCounts(int(row[0]), int(row[1]), row[2])
+
+        result: TableCounts = await self._run(query)
+        return result
+
+
+def _connect_or_create(dsn: str) -> psycopg.Connection[Any]:
+    try:
+        return psycopg.connect(dsn, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        if "does not exist" not in str(exc) or "database" not in str(exc):
+            raise
+    dbname = conninfo_to_dict(dsn).get("dbname") or "postgres"
+    log.warning("database %s does not exist: creating it", dbname)
+    try:
+        with psycopg.connect(
+            make_conninfo(dsn, dbname="postgres"), autocommit=True, connect_timeout=5
+        ) as admin:
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(str(dbname))))
+    except psycopg.errors.DuplicateDatabase:
+        pass  # another worker created it first
+    except psycopg.errors.InsufficientPrivilege:
+        raise ConfigError(
+            f"database {dbname} does not exist and the role in DATABASE_URL may not create it: "
+            f"run `createdb {dbname}` as a superuser"
+        ) from None
+    return psycopg.connect(dsn, autocommit=True, connect_timeout=5)
+
+
+def _migrate(conn: psycopg.Connection[Any]) -> int:
+    files = sorted(
+        (f for f in resources.files("sentiment.migrations").iterdir() if f.name.endswith(".sql")),
+        key=lambda f: f.name,
+    )
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version ("
+            " version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {row[0] for row in conn.execute("SELECT version FROM schema_version")}
+        for f in files:
+            version = int(f.name.split("_", 1)[0])
+            if version in done:
+                continue
+            conn.execute(f.read_text(encoding="utf-8"))  # type: ignore[call-overload]
+            conn.execute("INSERT INTO schema_version (version, name) VALUES (%s, %s)", (version, f.name))
+            log.info("applied migration %s", f.name)
+        row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+    return int(row[0]) if row and row[0] is not None else 0

@@ -1,0 +1,285 @@
+"""Multi-task training of the default model: LoRA deltas on every encoder Linear, two heads.
+
+Reproducible from a seed (single-threaded data order, seeded init and dropout). Model selection and the
+per-class bias calibration use only the validation splits; the test splits are never read here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..analysis.encoder import ARTEFACT, DualHead, encoder_path, load_encoder, lora_targets
+from ..analysis.labels import EMOTIONS, SENTIMENTS
+from . import data
+
+
+@attrs.frozen
+class TrainConfig:
+    data_dir: Path
+    output: Path = ARTEFACT
+    seed: int = 13
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 6e-4
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    frozen_layers: int = 3  # lower layers kept as they are; their output is computed once and cached
+    max_tokens: int = 64
+    threads: int = 2
+    limit: int = 0  # >0: use at most this many examples per task (smoke runs)
+
+
+class LoRALinear(nn.Module):
+    """y = W x + (alpha/r) · B A x with W frozen; B starts at zero so training starts from the encoder."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.A = nn.Parameter(torch.empty(rank, base.in_features))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.B = nn.Parameter(torch.zeros(base.out_features, rank))
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (self.dropout(x) @ self.A.T @ self.B.T) * self.scale
+
+
+def attach_lora(model: DualHead, rank: int, alpha: float, frozen_layers: int) -> dict[str, LoRALinear]:
+    for p in model.encoder.parameters():
+        p.requires_grad_(False)
+    wrapped = {}
+    for name, linear in lora_targets(model.encoder).items():
+        if int(name.split(".layer.")[1].split(".")[0]) < frozen_layers:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        wrapper = LoRALinear(linear, rank, alpha)
+        setattr(model.encoder.get_submodule(parent_name), child, wrapper)
+        wrapped[name] = wrapper
+    return wrapped
+
+
+def _batches(examples: data.Examples, size: int, rng: random.Random) -> list[list[int]]:
+    """Length-bucketed batches: shuffle, sort within chunks of 50 batches, then shuffle the batches."""
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    chunk = size * 50
+    batches = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start : start + chunk], key=lambda i: len(examples.texts[i]))
+        batches.extend(part[i : i + size] for i in range(0, len(part), size))
+    rng.shuffle(batches)
+    return batches
+
+
+class Features:
+    """Output of the frozen lower layers for every example, computed once (fp16, unpadded)."""
+
+    def __init__(self, model: DualHead, tokenizer: Any, texts: tuple[str, ...], cfg: TrainConfig) -> None:
+        self.model = model
+        self.frozen = cfg.frozen_layers
+        self.hidden: list[torch.Tensor] = [torch.empty(0)] * len(texts)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        model.eval()
+        with torch.inference_mode():
+            for start in tqdm(
+                range(0, len(order), 128), desc="caching lower layers", unit="batch", mininterval=10
+            ):
+                idx = order[start : start + 128]
+                enc = tokenizer(
+                    [texts[i] for i in idx],
+                    padding=True,
+                    truncation=True,
+                    max_length=cfg.max_tokens,
+                    return_tensors="pt",
+                )
+                h = self._run(
+                    model.encoder.embeddings(input_ids=enc["input_ids"]),
+                    enc["attention_mask"],
+                    0,
+                    self.frozen,
+                )
+                for row, i in enumerate(idx):
+                    self.hidden[i] = h[row, : int(enc["attention_mask"][row].sum())].half().clone()
+
+    def _run(self, h: torch.Tensor, mask: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        enc = self.model.encoder
+        # Private helper of transformers' BertModel, used here only: it builds the mask its layers expect.
+        full_mask, _ = enc._create_attention_masks(
+            attention_mask=mask,
+            encoder_attention_mask=None,
+            embedding_output=h,
+            encoder_hidden_states=None,
+            cache=None,
+        )
+        for layer in enc.encoder.layer[first:last]:
+            out = layer(h, attention_mask=full_mask)
+            h = out[0] if isinstance(out, tuple) else out
+        return h
+
+    def logits(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Upper layers, pooling and heads on cached lower-layer output: the same function as `DualHead`."""
+        parts = [self.hidden[i] for i in idx]
+        length = max(p.shape[0] for p in parts)
+        h = torch.zeros(len(parts), length, parts[0].shape[1])
+        mask = torch.zeros(len(parts), length, dtype=torch.long)
+        for row, p in enumerate(parts):
+            h[row, : p.shape[0]] = p.float()
+            mask[row, : p.shape[0]] = 1
+        h = self._run(h, mask, self.frozen, len(self.model.encoder.encoder.layer))
+        m = mask.unsqueeze(-1).to(h.dtype)
+        pooled = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return self.model.sentiment(pooled), self.model.emotion(pooled)
+
+    def predict(self, n_examples: int) -> tuple[np.ndarray, np.ndarray]:
+        self.model.eval()
+        order = sorted(range(n_examples), key=lambda i: self.hidden[i].shape[0])
+        sent, emo = [], []
+        with torch.inference_mode():
+            for start in range(0, n_examples, 256):
+                s, e = self.logits(order[start : start + 256])
+                sent.append(s)
+                emo.append(e)
+        inverse = np.argsort(order)
+        return torch.cat(sent).numpy()[inverse], torch.cat(emo).numpy()[inverse]
+
+
+def calibrate(logits: np.ndarray, gold: tuple[int, ...], metric: str, rounds: int = 3) -> np.ndarray:
+    """Per-class additive offsets that maximise `metric` on a validation split (coordinate ascent)."""
+    offsets = np.zeros(logits.shape[1], dtype=np.float32)
+    grid = np.linspace(-2.0, 2.0, 41)
+
+    def value(o: np.ndarray) -> float:
+        return data.scores(gold, (logits + o).argmax(1), logits.shape[1])[metric]
+
+    best = value(offsets)
+    for _ in range(rounds):
+        for c in range(1, logits.shape[1]):  # class 0 stays the reference
+            for g in grid:
+                trial = offsets.copy()
+                trial[c] = g
+                v = value(trial)
+                if v > best + 1e-9:
+                    best, offsets = v, trial
+    return offsets
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(encoder_path()), local_files_only=True)
+    sent_val = data.tweeteval_sentiment(cfg.data_dir, "val")
+    sent_train = data.semeval_train(cfg.data_dir, exclude=sent_val.texts)
+    emo_train = data.goemotions(cfg.data_dir, "train")
+    emo_val = data.goemotions(cfg.data_dir, "dev")
+    if cfg.limit:
+        sent_train = data.Examples(sent_train.texts[: cfg.limit], sent_train.labels[: cfg.limit])
+        emo_train = data.Examples(emo_train.texts[: cfg.limit], emo_train.labels[: cfg.limit])
+        sent_val = data.Examples(sent_val.texts[: cfg.limit], sent_val.labels[: cfg.limit])
+        emo_val = data.Examples(emo_val.texts[: cfg.limit], emo_val.labels[: cfg.limit])
+
+    model = DualHead(load_encoder())
+    features = {
+        name: Features(model, tokenizer, ex.texts, cfg)
+        for name, ex in (
+            ("sentiment", sent_train),
+            ("emotion", emo_train),
+            ("sent_val", sent_val),
+            ("emo_val", emo_val),
+        )
+    }
+    wrapped = attach_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.frozen_layers)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    rng = random.Random(cfg.seed)
+    steps_per_epoch = math.ceil(len(sent_train) / cfg.batch_size) + math.ceil(len(emo_train) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    warmup = max(1, total // 16)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
+    )
+    loss_fn = nn.CrossEntropyLoss()
+    best: dict[str, Any] = {"score": -1.0}
+    history = []
+    started = time.monotonic()
+    for epoch in range(cfg.epochs):
+        model.train()
+        jobs = [("sentiment", b) for b in _batches(sent_train, cfg.batch_size, rng)]
+        jobs += [("emotion", b) for b in _batches(emo_train, cfg.batch_size, rng)]
+        rng.shuffle(jobs)
+        bar = tqdm(jobs, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", mininterval=5)
+        for task, idx in bar:
+            examples = sent_train if task == "sentiment" else emo_train
+            gold = torch.tensor([examples.labels[i] for i in idx])
+            s_logits, e_logits = features[task].logits(idx)
+            loss = loss_fn(s_logits if task == "sentiment" else e_logits, gold)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        s_val, _ = features["sent_val"].predict(len(sent_val))
+        _, e_val = features["emo_val"].predict(len(emo_val))
+        s_off = calibrate(s_val, sent_val.labels, "macro_recall")
+        e_off = calibrate(e_val, emo_val.labels, "macro_f1")
+        sr = data.scores(sent_val.labels, (s_val + s_off).argmax(1), len(SENTIMENTS))["macro_recall"]
+        ef = data.scores(emo_val.labels, (e_val + e_off).argmax(1), len(EMOTIONS))["macro_f1"]
+        history.append({"epoch": epoch + 1, "val_sentiment_macro_recall": sr, "val_emotion_macro_f1": ef})
+        tqdm.write(json.dumps(history[-1]))
+        if sr + ef > best["score"]:
+            best = {"score": sr + ef, "epoch": epoch + 1, "tensors": _export(model, wrapped, s_off, e_off)}
+    meta = {
+        "name": "minilm-l6-lora-dual",
+        "version": time.strftime("%Y.%m.%d"),
+        "lora_rank": cfg.lora_rank,
+        "lora_alpha": cfg.lora_alpha,
+        "frozen_layers": cfg.frozen_layers,
+        "max_tokens": cfg.max_tokens,
+        "encoder_sha256": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+        "sentiment_labels": list(SENTIMENTS),
+        "emotion_labels": list(EMOTIONS),
+        "seed": cfg.seed,
+        "epochs": cfg.epochs,
+        "best_epoch": best["epoch"],
+        "history": history,
+        "train_examples": {"sentiment": len(sent_train), "emotion": len(emo_train)},
+        "train_seconds": round(time.monotonic() - started),
+    }
+    from safetensors.torch import save_file
+
+    cfg.output.parent.mkdir(parents=True, exist_ok=True)
+    save_file(best["tensors"], str(cfg.output), metadata={"sentiment": json.dumps(meta)})
+    return meta
+
+
+def _export(
+    model: DualHead, wrapped: dict[str, LoRALinear], s_off: np.ndarray, e_off: np.ndarray
+) -> dict[str, torch.Tensor]:
+    """The deltas in fp16 (merged at load, so their precision only nudges W) and the calibrated heads."""
+    tensors = {}
+    for name, mod in wrapped.items():
+        tensors[f"lora.{name}.A"] = mod.A.detach().half().contiguous()
+        tensors[f"lora.{name}.B"] = mod.B.detach().half().contiguous()
+    tensors["sentiment.weight"] = model.sentiment.weight.detach().clone()
+    tensors["sentiment.bias"] = model.sentiment.bias.detach() + torch.from_numpy(s_off)
+    tensors["emotion.weight"] = model.emotion.weight.detach().clone()
+    tensors["emotion.bias"] = model.emotion.bias.detach() + torch.from_numpy(e_off)
+    return tensors

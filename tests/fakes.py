@@ -1,0 +1,216 @@
+"""In-memory fakes behind the same Protocols as the real stream, store and analyzer.
+
+They keep consumer-group semantics (pending list, delivery counts, idle time on trio's clock) so the
+pipeline's logic runs under the autojump clock; what only Redis/PostgreSQL can show is tested for real."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import attrs
+import trio
+
+from sentiment.analysis.base import Analysis
+from sentiment.analysis.labels import EMOTIONS, SENTIMENTS
+from sentiment.errors import ModelError, StoreUnavailable, StreamUnavailable
+from sentiment.store import Record, WriteResult
+from sentiment.stream import Claimed, DeadLetter, Entry, PendingEntry, id_key
+
+
+@attrs.define
+class _Pending:
+    consumer: str
+    delivered_at: float
+    count: int
+
+
+class FakeGroup:
+    """The shared state of one stream and one consumer group."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, dict[bytes, bytes]] = {}
+        self.last_delivered = "0-0"
+        self.pel: dict[str, _Pending] = {}
+        self.acked: list[str] = []
+        self.dead: list[tuple[DeadLetter, str]] = []
+        self._seq = 0
+        self.new_entry = trio.Event()
+
+    def add(self, fields: Mapping[str, str | bytes]) -> str:
+        self._seq += 1
+        entry_id = f"{1_700_000_000_000 + self._seq}-0"
+        self.entries[entry_id] = {
+            k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in fields.items()
+        }
+        self.new_entry.set()
+        self.new_entry = trio.Event()
+        return entry_id
+
+    def stream(self, consumer: str = "c1") -> FakeStream:
+        return FakeStream(self, consumer)
+
+
+class FakeStream:
+    def __init__(self, group: FakeGroup, consumer: str) -> None:
+        self.g = group
+        self.consumer = consumer
+        self.fail_next: dict[str, int] = {}  # operation name → how many calls fail with StreamUnavailable
+        self.calls: list[str] = []
+
+    def _maybe_fail(self, op: str) -> None:
+        self.calls.append(op)
+        for key in (op, "*"):  # "*": Redis is down, every operation fails
+            if self.fail_next.get(key, 0) > 0:
+                self.fail_next[key] -= 1
+                raise StreamUnavailable(f"injected {op} failure")
+
+    async def ensure_group(self) -> None:
+        self._maybe_fail("ensure_group")
+
+    async def read(self, start: str, count: int, block_ms: int | None) -> tuple[list[Entry], list[str]]:
+        await trio.lowlevel.checkpoint()
+        self._maybe_fail("read")
+        now = trio.current_time()
+        if start != ">":
+            mine = sorted((i for i, p in self.g.pel.items() if p.consumer == self.consumer), key=id_key)
+            mine = [i for i in mine if start == "0" or id_key(i) > id_key(start)][:count]
+            entries = [Entry(i, self.g.entries[i], self.g.pel[i].count) for i in mine if i in self.g.entries]
+            return entries, [i for i in mine if i not in self.g.entries]
+        fresh = [i for i in self.g.entries if id_key(i) > id_key(self.g.last_delivered)][:count]
+        if not fresh and block_ms:
+            with trio.move_on_after(block_ms / 1000):
+                await self.g.new_entry.wait()
+            return await self.read(">", count, None)
+        for i in fresh:
+            self.g.pel[i] = _Pending(self.consumer, now, 1)
+            self.g.last_delivered = i
+        return [Entry(i, self.g.entries[i]) for i in fresh], []
+
+    async def autoclaim(self, cursor: str, min_idle_ms: int, count: int) -> Claimed:
+        await trio.lowlevel.checkpoint()
+        self._maybe_fail("autoclaim")
+        now = trio.current_time()
+        ids = sorted((i for i in self.g.pel if id_key(i) >= id_key(cursor)), key=id_key)
+        claimed, deleted = [], []
+        for i in ids:
+            if len(claimed) + len(deleted) >= count:
+                return Claimed(i, tuple(claimed), tuple(deleted))
+            p = self.g.pel[i]
+            if (now - p.delivered_at) * 1000 < min_idle_ms:
+                continue
+            if i not in self.g.entries:
+                del self.g.pel[i]
+                deleted.append(i)
+                continue
+            self.g.pel[i] = _Pending(self.consumer, now, p.count + 1)
+            claimed.append(Entry(i, self.g.entries[i], p.count + 1))
+        return Claimed("0-0", tuple(claimed), tuple(deleted))
+
+    async def with_deliveries(self, entries: Sequence[Entry]) -> list[Entry]:
+        return [
+            attrs.evolve(e, deliveries=self.g.pel[e.id].count) if e.id in self.g.pel else e for e in entries
+        ]
+
+    async def ack(self, ids: Sequence[str]) -> None:
+        await trio.lowlevel.checkpoint()
+        self._maybe_fail("ack")
+        for i in ids:
+            if self.g.pel.pop(i, None) is not None:
+                self.g.acked.append(i)
+
+    async def dead_letter(self, letters: Sequence[DeadLetter], consumer: str) -> None:
+        await trio.lowlevel.checkpoint()
+        if letters:
+            self._maybe_fail("dead_letter")
+        for letter in letters:
+            self.g.dead.append((letter, consumer))
+            self.g.pel.pop(letter.entry.id, None)
+
+    async def renew(self, ids: Sequence[str]) -> None:
+        self._maybe_fail("renew")
+        now = trio.current_time()
+        for i in ids:
+            p = self.g.pel.get(i)
+            if p is not None:
+                self.g.pel[i] = _Pending(self.consumer, now, p.count)
+
+    async def pending(
+        self, count: int, consumer: str | None = None, idle_ms: int | None = None
+    ) -> list[PendingEntry]:
+        now = trio.current_time()
+        out = [
+            PendingEntry(i, p.consumer, int((now - p.delivered_at) * 1000), p.count)
+            for i, p in sorted(self.g.pel.items(), key=lambda kv: id_key(kv[0]))
+            if (consumer is None or p.consumer == consumer)
+            and (idle_ms is None or (now - p.delivered_at) * 1000 >= idle_ms)
+        ]
+        return out[:count]
+
+    async def pending_count(self) -> int:
+        self._maybe_fail("pending_count")
+        return len(self.g.pel)
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self.posts: dict[str, Record] = {}
+        self.analyses: dict[tuple[str, str], Record] = {}
+        self.fail_next = 0  # writes that fail with StoreUnavailable after "sending" the rows
+        self.commit_then_fail = 0  # writes that commit, then report a broken connection
+        self.writes = 0
+
+    async def migrate(self) -> int:
+        return 1
+
+    async def ping(self) -> bool:
+        return True
+
+    async def write(self, records: Sequence[Record]) -> WriteResult:
+        await trio.lowlevel.checkpoint()
+        self.writes += 1
+        if self.fail_next:
+            self.fail_next -= 1
+            raise StoreUnavailable("injected: connection lost before commit")
+        posts = analyses = 0
+        for r in records:
+            if r.post.post_id not in self.posts:
+                self.posts[r.post.post_id] = r
+                posts += 1
+            key = (r.post.post_id, r.analysis.model)
+            if key not in self.analyses:
+                self.analyses[key] = r
+                analyses += 1
+        if self.commit_then_fail:
+            self.commit_then_fail -= 1
+            raise StoreUnavailable("injected: connection cut after commit")
+        return WriteResult(posts, analyses)
+
+
+class FakeAnalyzer:
+    """Deterministic: 'bad'/'sad' → negative, else positive. A text containing POISON raises;
+    `delay` seconds of trio time per batch simulate a slow model."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.name = "fake"
+        self.delay = delay
+        self.calls: list[list[str]] = []
+        self.loaded = True
+
+    async def load(self) -> None:
+        return None
+
+    async def analyze(self, texts: Sequence[str]) -> list[Analysis]:
+        self.calls.append(list(texts))
+        if self.delay:
+            await trio.sleep(self.delay)
+        if any("POISON" in t for t in texts):
+            raise ModelError("poisoned text")
+        out = []
+        for t in texts:
+            negative = "bad" in t or "sad" in t
+            s = {x: 0.0 for x in SENTIMENTS}
+            s["negative" if negative else "positive"] = 1.0
+            e = {x: 0.0 for x in EMOTIONS}
+            e["sadness" if negative else "joy"] = 1.0
+            out.append(Analysis(s, e, self.name))
+        return out

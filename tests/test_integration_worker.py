@@ -1,0 +1,281 @@
+"""The worker against the real Redis and PostgreSQL: what only the servers can show."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import attrs
+import psycopg
+import pytest
+import redis
+import trio
+
+from sentiment.config import Settings
+from sentiment.errors import StoreUnavailable
+from sentiment.pipeline import Worker
+from sentiment.reclaim import reclaim
+from sentiment.service import open_processor
+from sentiment.store import PostgresStore, Record, WriteResult
+
+from .conftest import ROOT, rows, run_cli, worker_env
+from .fakes import FakeAnalyzer
+
+pytestmark = pytest.mark.integration
+
+
+def publish(r: redis.Redis, stream: str, n: int, prefix: str = "p", as_json: bool = True) -> list[str]:
+    pipe = r.pipeline(transaction=False)
+    for i in range(n):
+        post = {
+            "post_id": f"{prefix}{i}",
+            "content": f"post number {i} is good",
+            "source": "test",
+            "author": "me",
+        }
+        pipe.xadd(stream, {"data": json.dumps(post)} if as_json else post)
+    return [x.decode() for x in pipe.execute()]
+
+
+def pending(r: redis.Redis, s: Settings) -> int:
+    return int(r.xpending(s.stream, s.group)["pending"])
+
+
+async def drain(settings: Settings, analyzer: FakeAnalyzer | None = None) -> Worker:
+    async with open_processor(settings, analyzer) as processor:
+        worker = Worker(processor)
+        with trio.fail_after(60):
+            await worker.run(drain=True)
+        return worker
+
+
+async def test_drain_writes_posts_and_results(settings: Settings, rds: redis.Redis) -> None:
+    publish(rds, settings.stream, 40)
+    rds.xadd(
+        settings.stream,
+        {"post_id": "flat", "content": "flat fields", "created_at": "2024-05-01T12:00:00+02:00"},
+    )
+    await drain(settings, FakeAnalyzer())
+    assert rows(settings.database_url) == 41
+    assert pending(rds, settings) == 0
+    with psycopg.connect(settings.database_url) as conn:
+        created, sentiment, scores, entry = conn.execute(
+            "SELECT p.created_at, a.sentiment, a.scores, a.stream_entry_id FROM social_media_posts p "
+            "JOIN sentiment_analysis a USING (post_id) WHERE post_id = 'flat'"
+        ).fetchone()  # type: ignore[misc]
+    assert created.isoformat() == "2024-05-01T10:00:00+00:00"
+    assert sentiment == "positive" and scores["sentiment"]["positive"] == 1.0
+    assert "-" in entry
+
+
+class FailingStore(PostgresStore):
+    """The real store, with the first `fail` writes failing like a connection cut before commit."""
+
+    def __init__(self, dsn: str, fail: int) -> None:
+        super().__init__(dsn)
+        self.fail = fail
+        self.seen_pending: list[int] = []
+
+    async def write(self, records: list[Record]) -> WriteResult:  # type: ignore[override]
+        if self.fail:
+            self.fail -= 1
+            raise StoreUnavailable("injected: commit failed")
+        return await super().write(records)
+
+
+async def test_failed_commit_leaves_entry_pending_until_retry_succeeds(
+    settings: Settings, rds: redis.Redis
+) -> None:
+    publish(rds, settings.stream, 5)
+    async with open_processor(settings, FakeAnalyzer()) as processor:
+        store = FailingStore(settings.database_url, fail=3)
+        await store.migrate()
+        processor.store = store
+        worker = Worker(processor)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: worker.run(drain=True))
+            while store.fail:
+                await trio.sleep(0.005)
+                if store.fail < 3:  # a commit has failed: nothing may be acked yet
+                    store.seen_pending.append(pending(rds, settings))
+        await store.aclose()
+    assert store.seen_pending and all(p == 5 for p in store.seen_pending)
+    assert rows(settings.database_url) == 5 and pending(rds, settings) == 0
+
+
+async def test_dead_consumer_entries_reclaimed_exactly_once(settings: Settings, rds: redis.Redis) -> None:
+    publish(rds, settings.stream, 30)
+    rds.xgroup_create(settings.stream, settings.group, id="0")
+    rds.xreadgroup(settings.group, "dead-consumer", {settings.stream: ">"}, count=100)  # read, never acked
+    await trio.sleep(0.01)  # let the entries age past min_idle_ms on Redis's clock
+    analyzer = FakeAnalyzer()
+    async with open_processor(settings, analyzer) as processor:
+        report = await reclaim(processor, min_idle_ms=1)
+    assert report.as_dict() == {"claimed": 30, "processed": 30, "dead_lettered": 0, "deleted": 0}
+    assert sum(len(c) for c in analyzer.calls) == 30
+    assert rows(settings.database_url) == 30 and pending(rds, settings) == 0
+    # A second pass finds nothing: exactly once.
+    async with open_processor(settings, analyzer) as processor:
+        assert (await reclaim(processor, min_idle_ms=1)).claimed == 0
+
+
+async def test_redelivered_entry_adds_no_row(settings: Settings, rds: redis.Redis) -> None:
+    publish(rds, settings.stream, 1)
+    await drain(settings)
+    # Deliver it again as if the ack had been lost: a second delivery and a second write.
+    rds.xadd(settings.stream, {"data": json.dumps({"post_id": "p0", "content": "post number 0 is good"})})
+    worker = await drain(settings)
+    assert worker.totals.duplicates == 1
+    assert rows(settings.database_url) == 1
+    assert rows(settings.database_url, "SELECT count(*) FROM social_media_posts") == 1
+
+
+async def test_invalid_and_over_max_deliveries_go_to_dead_letter(
+    settings: Settings, rds: redis.Redis
+) -> None:
+    bad = rds.xadd(settings.stream, {"data": "{not json"}).decode()
+    [tired] = publish(rds, settings.stream, 1, prefix="tired")
+    rds.xgroup_create(settings.stream, settings.group, id="0")
+    rds.xreadgroup(settings.group, "dead-consumer", {settings.stream: ">"}, count=100)
+    # Pretend `tired` was delivered 9 times already (MAX_DELIVERIES is 5).
+    rds.xclaim(settings.stream, settings.group, "dead-consumer", 0, [tired], retrycount=9)
+    await trio.sleep(0.01)  # let the entries age past min_idle_ms on Redis's clock
+    async with open_processor(attrs.evolve(settings, claim_min_idle_ms=1)) as processor:
+        report = await reclaim(processor, min_idle_ms=1)
+    assert report.dead_lettered == 2 and report.processed == 0
+    letters = {f[b"dead_entry_id"].decode(): f for _, f in rds.xrange(settings.dead_letter)}
+    assert letters[bad][b"dead_reason"].startswith(b"invalid post: field data is not valid JSON")
+    assert letters[bad][b"data"] == b"{not json"  # original fields kept
+    assert b"over MAX_DELIVERIES" in letters[tired][b"dead_reason"]
+    assert letters[tired][b"dead_deliveries"] == b"10"
+    assert letters[tired][b"dead_consumer"] == settings.consumer.encode()
+    assert pending(rds, settings) == 0 and rows(settings.database_url) == 0
+
+
+async def test_pending_entry_deleted_from_stream_counts_as_deleted(
+    settings: Settings, rds: redis.Redis
+) -> None:
+    ids = publish(rds, settings.stream, 3)
+    rds.xgroup_create(settings.stream, settings.group, id="0")
+    rds.xreadgroup(settings.group, "dead-consumer", {settings.stream: ">"}, count=100)
+    rds.xdel(settings.stream, ids[1])
+    await trio.sleep(0.01)  # let the entries age past min_idle_ms on Redis's clock
+    async with open_processor(settings) as processor:
+        report = await reclaim(processor, min_idle_ms=1)
+    assert report.as_dict() == {"claimed": 2, "processed": 2, "dead_lettered": 0, "deleted": 1}
+    assert pending(rds, settings) == 0
+
+
+def test_reclaim_script_prints_json_and_dry_run_lists(settings: Settings, rds: redis.Redis) -> None:
+    publish(rds, settings.stream, 4)
+    rds.xgroup_create(settings.stream, settings.group, id="0")
+    rds.xreadgroup(settings.group, "dead-consumer", {settings.stream: ">"}, count=100)
+    time.sleep(0.01)  # let the entries age past min_idle_ms on Redis's clock
+    env = worker_env(settings)
+    dry = run_cli([str(ROOT / "scripts/reclaim.py"), "--dry-run", "--min-idle-ms", "1"], env)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.count("dead-consumer") == 4
+    assert pending(rds, settings) == 4  # nothing claimed
+    done = run_cli([str(ROOT / "scripts/reclaim.py"), "--min-idle-ms", "1"], env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "claimed": 4,
+        "processed": 4,
+        "dead_lettered": 0,
+        "deleted": 0,
+    }
+    assert rows(settings.database_url) == 4
+
+
+def test_three_workers_share_the_stream(settings: Settings, rds: redis.Redis) -> None:
+    publish(rds, settings.stream, 3000)
+    rds.xgroup_create(settings.stream, settings.group, id="0")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "sentiment", "run", "--drain"],
+            cwd=ROOT / "tests",
+            env=worker_env(settings, CONSUMER_NAME=f"w{i}", CLAIM_MIN_IDLE_MS="60000"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(3)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    assert rows(settings.database_url) == 3000
+    assert rows(settings.database_url, "SELECT count(DISTINCT post_id) FROM sentiment_analysis") == 3000
+    assert pending(rds, settings) == 0
+    consumers = {c["name"].decode() for c in rds.xinfo_consumers(settings.stream, settings.group)}
+    assert consumers == {"w0", "w1", "w2"}
+
+
+def test_sigterm_mid_run_acks_nothing_unwritten(settings: Settings, rds: redis.Redis) -> None:
+    ids = publish(rds, settings.stream, 20_000)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sentiment", "run"],
+        cwd=ROOT / "tests",
+        env=worker_env(settings, BATCH_SIZE="100", CLAIM_MIN_IDLE_MS="600000"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not (_has_table(settings.database_url) and rows(settings.database_url) > 0):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    written = rows(settings.database_url)
+    assert 0 < written < 20_000, "stopped mid-run"
+    with psycopg.connect(settings.database_url) as conn:
+        stored = {r[0] for r in conn.execute("SELECT stream_entry_id FROM sentiment_analysis")}
+    still_pending = {
+        p["message_id"].decode()
+        for p in rds.xpending_range(settings.stream, settings.group, "-", "+", 30_000)
+    }
+    last = rds.xinfo_groups(settings.stream)[0]["last-delivered-id"].decode()
+    delivered = [i for i in ids if tuple(map(int, i.split("-"))) <= tuple(map(int, last.split("-")))]
+    acked = set(delivered) - still_pending
+    assert acked <= stored  # nothing acked that is not in the database
+    assert "stopping" in err
+
+
+def _has_table(dsn: str) -> bool:
+    return (
+        rows(
+            dsn,
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'sentiment_analysis' "
+            "AND table_schema = current_schema()",
+        )
+        == 1
+    )
+
+
+def test_bad_setting_exits_2_with_one_line(settings: Settings) -> None:
+    result = run_cli(["-m", "sentiment", "run"], worker_env(settings, BATCH_SIZE="lots"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == "sentiment: BATCH_SIZE must be an integer from 1 to 10000, got 'lots'"
+
+
+def test_migrate_creates_the_database_and_is_idempotent(pg_base: str) -> None:
+    name = f"sentiment_new_{os.getpid()}"
+    dsn = f"{pg_base.rsplit('/', 1)[0]}/{name}"
+    env = {**os.environ, "DATABASE_URL": dsn, "PYTHONPATH": str(ROOT)}
+    try:
+        for _ in range(2):
+            result = run_cli(["-m", "sentiment", "migrate"], env)
+            assert result.returncode == 0, result.stderr
+            assert result.stdout.strip() == "schema at version 1"
+        assert rows(dsn, "SELECT count(*) FROM schema_version") == 1
+    finally:
+        with psycopg.connect(
+            psycopg.conninfo.make_conninfo(pg_base, dbname="postgres"), autocommit=True
+        ) as c:
+            c.execute(f"DROP DATABASE IF EXISTS {name}")

@@ -1,0 +1,238 @@
+"""The pipeline's logic on in-memory fakes, under trio's autojump clock (no real sleeps)."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from sentiment.config import Settings
+from sentiment.pipeline import Worker
+from sentiment.processing import Processor
+
+from .fakes import FakeAnalyzer, FakeGroup, FakeStore
+
+Clock = trio.testing.MockClock  # every test takes pytest-trio's `autojump_clock`: time jumps when all block
+
+
+def make_worker(
+    group: FakeGroup,
+    store: FakeStore | None = None,
+    analyzer: FakeAnalyzer | None = None,
+    consumer: str = "c1",
+    **overrides: object,
+) -> Worker:
+    base = dict(
+        consumer=consumer,
+        batch_size=10,
+        block_ms=100,
+        claim_min_idle_ms=1000,
+        reclaim_interval_ms=500,
+        max_deliveries=3,
+        shutdown_grace_s=5.0,
+        metrics_port=0,
+    )
+    base.update(overrides)
+    settings = Settings(**base)  # type: ignore[arg-type]
+    return Worker(
+        Processor(settings, group.stream(consumer), store or FakeStore(), analyzer or FakeAnalyzer())
+    )
+
+
+def publish(group: FakeGroup, n: int, prefix: str = "p", text: str = "good day") -> list[str]:
+    return [group.add({"post_id": f"{prefix}{i}", "content": f"{text} {i}"}) for i in range(n)]
+
+
+async def test_drain_writes_every_post_once_and_acks_all(autojump_clock: Clock) -> None:
+    group, store = FakeGroup(), FakeStore()
+    ids = publish(group, 35)
+    with trio.fail_after(60):
+        await make_worker(group, store).run(drain=True)
+    assert len(store.analyses) == 35
+    assert sorted(group.acked) == sorted(ids)
+    assert group.pel == {}
+
+
+async def test_ack_only_after_commit_failing_commit_keeps_entry_pending(autojump_clock: Clock) -> None:
+    group, store = FakeGroup(), FakeStore()
+    [entry_id] = publish(group, 1)
+    store.fail_next = 3
+    worker = make_worker(group, store)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: worker.run(drain=True))
+        # While commits fail, the entry must stay pending and unacked.
+        while store.writes < 2:  # noqa: ASYNC110 - polling the fake is the point here
+            await trio.sleep(0.01)
+        assert entry_id in group.pel
+        assert group.acked == []
+    assert group.acked == [entry_id]
+    assert len(store.analyses) == 1
+
+
+async def test_commit_cut_after_commit_is_retried_without_second_row(autojump_clock: Clock) -> None:
+    group, store = FakeGroup(), FakeStore()
+    publish(group, 3)
+    store.commit_then_fail = 1
+    await make_worker(group, store).run(drain=True)
+    assert len(store.analyses) == 3
+    assert store.writes == 2  # the retry found the rows there: ON CONFLICT absorbed them
+    assert group.pel == {}
+
+
+async def test_failed_ack_leaves_entry_pending_then_acks(autojump_clock: Clock) -> None:
+    group, store = FakeGroup(), FakeStore()
+    publish(group, 2)
+    worker = make_worker(group, store)
+    worker.stream.fail_next["ack"] = 2  # type: ignore[attr-defined]
+    await worker.run(drain=True)
+    assert len(group.acked) == 2
+    assert len(store.analyses) == 2
+
+
+async def test_poison_text_is_isolated_retried_then_dead_lettered(autojump_clock: Clock) -> None:
+    group, store = FakeGroup(), FakeStore()
+    publish(group, 4)
+    poison = group.add({"post_id": "bad1", "content": "POISON pill"})
+    worker = make_worker(group, store, max_deliveries=3)
+    with trio.fail_after(600):
+        await worker.run(drain=True)
+    assert {k[0] for k in store.analyses} == {"p0", "p1", "p2", "p3"}
+    [(letter, consumer)] = group.dead
+    assert letter.entry.id == poison
+    assert letter.entry.deliveries == 3
+    assert "analysis failed 3 times" in letter.reason and "poisoned" in letter.reason
+    assert consumer == "c1"
+    assert worker.totals.retried == 2
+    assert group.pel == {}
+
+
+async def test_invalid_input_goes_to_dead_letter_with_reason(autojump_clock: Clock) -> None:
+    group, store = FakeGroup(), FakeStore()
+    group.add({"content": "no id"})
+    group.add({"data": "[1, 2]"})
+    group.add({"post_id": "ok", "content": "fine"})
+    await make_worker(group, store).run(drain=True)
+    reasons = sorted(letter.reason for letter, _ in group.dead)
+    assert reasons == [
+        "invalid post: field data must hold a JSON object, got list",
+        "invalid post: required field post_id is missing",
+    ]
+    assert list(store.posts) == ["ok"]
+    assert group.pel == {}
+
+
+async def test_entry_over_max_deliveries_is_dead_lettered_unprocessed(autojump_clock: Clock) -> None:
+    group, store = FakeGroup(), FakeStore()
+    [entry_id] = publish(group, 1)
+    dead_consumer = group.stream("dead")
+    await dead_consumer.read(">", 10, None)
+    group.pel[entry_id].count = 5  # delivered five times already, to consumers that died
+    analyzer = FakeAnalyzer()
+    await make_worker(group, store, analyzer, claim_min_idle_ms=10, max_deliveries=5).run(drain=True)
+    [(letter, _)] = group.dead
+    assert letter.entry.deliveries == 6 and "over MAX_DELIVERIES" in letter.reason
+    assert analyzer.calls == [] and store.analyses == {}
+
+
+async def test_dead_consumers_entries_are_reclaimed_and_processed_once(autojump_clock: Clock) -> None:
+    group, store = FakeGroup(), FakeStore()
+    ids = publish(group, 12)
+    await group.stream("dead").read(">", 100, None)  # read, never acked: the consumer died
+    analyzer = FakeAnalyzer()
+    worker = make_worker(group, store, analyzer, claim_min_idle_ms=1000)
+    await worker.run(drain=True)
+    assert sorted(group.acked) == sorted(ids)
+    assert len(store.analyses) == 12
+    assert sum(len(c) for c in analyzer.calls) == 12  # each analysed exactly once
+    assert worker.totals.reclaimed == 12
+
+
+async def test_pending_entry_deleted_from_stream_is_acked_and_counted(autojump_clock: Clock) -> None:
+    group, store = FakeGroup(), FakeStore()
+    [gone, _kept] = publish(group, 2)
+    await group.stream("dead").read(">", 100, None)
+    del group.entries[gone]  # XDEL
+    worker = make_worker(group, store, claim_min_idle_ms=10)
+    await worker.run(drain=True)
+    assert worker.totals.deleted == 1
+    assert gone not in group.pel and group.pel == {}
+    assert list(store.posts) == ["p1"]
+
+
+async def test_restart_reads_own_pending_entries_first(autojump_clock: Clock) -> None:
+    group, store = FakeGroup(), FakeStore()
+    ids = publish(group, 5)
+    await group.stream("c1").read(">", 3, None)  # same consumer name, crashed before acking
+    analyzer = FakeAnalyzer()
+    await make_worker(group, store, analyzer, claim_min_idle_ms=10**9).run(drain=True)
+    assert analyzer.calls[0] == ["good day 0", "good day 1", "good day 2"]
+    assert sorted(group.acked) == sorted(ids)
+
+
+async def test_stop_during_batch_acks_only_what_was_written(autojump_clock: Clock) -> None:
+    group, store = FakeGroup(), FakeStore()
+    publish(group, 30)
+    analyzer = FakeAnalyzer(delay=2.0)
+    worker = make_worker(group, store, analyzer, shutdown_grace_s=3.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(worker.run)
+        await trio.sleep(1.0)  # first batch is inside the model
+        worker.stop()
+    written = {r.post.entry_id for r in store.analyses.values()}
+    assert set(group.acked) == written  # nothing acked that is not in the store
+    assert 0 < len(written) < 30
+    assert all(i not in group.pel for i in written)
+    unread_or_pending = set(group.entries) - written
+    assert unread_or_pending  # left for the next worker: pending or never read
+
+
+async def test_stop_after_grace_cancels_slow_batch_leaving_it_pending(autojump_clock: Clock) -> None:
+    group, store = FakeGroup(), FakeStore()
+    ids = publish(group, 5)
+    worker = make_worker(group, store, FakeAnalyzer(delay=100.0), shutdown_grace_s=2.0)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(worker.run)
+            await trio.sleep(1.0)
+            worker.stop()
+    assert group.acked == [] and store.analyses == {}
+    assert sorted(group.pel) == sorted(ids)  # still pending, for reclaim
+
+
+async def test_lease_renewal_keeps_slow_batch_from_being_reclaimed(autojump_clock: Clock) -> None:
+    group, store = FakeGroup(), FakeStore()
+    publish(group, 10)
+    slow, other = FakeAnalyzer(delay=5.0), FakeAnalyzer()
+    w1 = make_worker(group, store, slow, consumer="slow", claim_min_idle_ms=1000, reclaim_interval_ms=100)
+    w2 = make_worker(group, store, other, consumer="other", claim_min_idle_ms=1000, reclaim_interval_ms=100)
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: w1.run(drain=True))
+            await trio.sleep(0.5)  # w1 holds the batch in its slow model
+            nursery.start_soon(lambda: w2.run(drain=True))
+    assert other.calls == []  # never stole the batch, though it sat in the model 5× CLAIM_MIN_IDLE_MS
+    assert len(store.analyses) == 10 and group.pel == {}
+
+
+async def test_redis_outage_is_logged_once_and_worker_resumes(
+    autojump_clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    group, store = FakeGroup(), FakeStore()
+    publish(group, 3)
+    worker = make_worker(group, store)
+    worker.stream.fail_next["*"] = 20  # type: ignore[attr-defined]
+    await worker.run(drain=True)
+    assert len(store.analyses) == 3
+    outage_lines = [r for r in caplog.records if "Redis unavailable" in r.getMessage()]
+    assert len(outage_lines) == 1
+    assert any("Redis is back" in r.getMessage() for r in caplog.records)
+
+
+async def test_duplicate_redelivery_counts_as_duplicate_not_new_row(autojump_clock: Clock) -> None:
+    group, store = FakeGroup(), FakeStore()
+    group.add({"post_id": "same", "content": "x"})
+    group.add({"post_id": "same", "content": "x"})
+    worker = make_worker(group, store)
+    await worker.run(drain=True)
+    assert len(store.analyses) == 1
+    assert worker.totals.written == 2 and worker.totals.duplicates == 1
