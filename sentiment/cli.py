@@ -90,11 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.file and args.count <= 0:
                 print("sentiment: produce needs a FILE or --count N", file=sys.stderr)
                 return 2
-            trio.run(
-                lambda: run_produce(
-                    settings, path=args.file, count=args.count, seed=args.seed, flat=args.flat
-                )
-            )
+            run_produce(settings, path=args.file, count=args.count, seed=args.seed, flat=args.flat)
     except ConfigError as exc:
         print(f"sentiment: {exc}", file=sys.stderr)
         return 2

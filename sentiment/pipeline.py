@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 import attrs
 import trio
@@ -61,7 +62,7 @@ class Worker:
         self.stream = processor.stream
         self.totals = Totals()
         self.inflight: dict[str, None] = {}  # entry IDs read and not yet acked, dead-lettered or released
-        self.last_progress = 0.0  # trio time of the last batch through any stage, for /healthz
+        self.last_progress = time.monotonic()  # last commit; wall clock, read by the /healthz thread
         self.on_commit: list[object] = []  # hooks (metrics) called as hook(outcome, analysed, batch)
         # Reader and reclaimer each run in one of these; cancelling both stops taking work.
         self._intake = (trio.CancelScope(), trio.CancelScope())
@@ -79,7 +80,7 @@ class Worker:
         await retrying(p.postgres, p.store.migrate)
         if self.settings.model_eager:
             await p.analyzer.load()
-        self.last_progress = trio.current_time()
+        self.last_progress = time.monotonic()
         with self._hard_stop:
             async with trio.open_nursery() as nursery:
                 batch_send, batch_recv = trio.open_memory_channel[Batch](1)
@@ -184,7 +185,7 @@ class Worker:
                 for entry in batch.entries:
                     self.inflight.pop(entry.id, None)
                 self.totals.add(outcome)
-                self.last_progress = trio.current_time()
+                self.last_progress = time.monotonic()
                 for hook in self.on_commit:
                     hook(outcome, analysed, batch)  # type: ignore[operator]
         background.cancel()  # every producer is done: the helpers have nothing left to look after

@@ -66,6 +66,7 @@ class Stream(Protocol):
         self, count: int, consumer: str | None = None, idle_ms: int | None = None
     ) -> list[PendingEntry]: ...
     async def pending_count(self) -> int: ...
+    async def group_info(self) -> dict[str, int]: ...
 
 
 def _decode(value: bytes | str) -> str:
@@ -246,12 +247,46 @@ class RedisStream:
         summary = await self._call(self._redis.xpending, self.name, self.group)
         return int(summary["pending"])
 
+    async def _groups(self) -> list[dict[str, Any]]:
+        try:
+            groups: list[dict[str, Any]] = await self._call(self._redis.xinfo_groups, self.name)
+        except rex.ResponseError:  # "no such key": the stream does not exist yet
+            return []
+        return groups
+
+    async def group_info(self) -> dict[str, int]:
+        """Our group's lag (entries not yet delivered to it) and pending count (XINFO GROUPS)."""
+        for group in await self._groups():
+            if _decode(group["name"]) == self.group:
+                lag = group.get("lag")
+                return {"lag": int(lag) if lag is not None else -1, "pending": int(group["pending"])}
+        return {"lag": -1, "pending": 0}
+
+    async def info(self) -> dict[str, Any]:
+        """What `sentiment stats` shows: stream length, groups with consumers, dead-letter length."""
+        length = int(await self._call(self._redis.xlen, self.name))
+        groups = []
+        for g in await self._groups():
+            name = _decode(g["name"])
+            consumers = await self._call(self._redis.xinfo_consumers, self.name, name)
+            groups.append({
+                "name": name, "pending": int(g["pending"]), "lag": g.get("lag"),
+                "last_delivered_id": _decode(g["last-delivered-id"]),
+                "consumers": [
+                    {"name": _decode(c["name"]), "pending": int(c["pending"]), "idle_ms": int(c["idle"])}
+                    for c in consumers
+                ],
+            })
+        dead = int(await self._call(self._redis.xlen, self.settings.dead_letter))
+        return {"stream": self.name, "length": length, "groups": groups,
+                "dead_letter": {"stream": self.settings.dead_letter, "length": dead}}
+
     async def trim_acked(self, min_age_ms: int) -> int:
         """Trim entries older than both `min_age_ms` and the oldest entry any group still has pending or
         has not yet read, so retention never drops work a group still owes (XTRIM MINID)."""
         now_ms = int(time.time() * 1000)
         floor = now_ms - min_age_ms
-        for group in await self._call(self._redis.xinfo_groups, self.name):
+        for group in await self._groups():
             if int(group.get("pending", 0)):
                 summary = await self._call(self._redis.xpending, self.name, _decode(group["name"]))
                 floor = min(floor, id_key(_decode(summary["min"]))[0])

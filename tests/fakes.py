@@ -146,6 +146,10 @@ class FakeStream:
         ]
         return out[:count]
 
+    async def group_info(self) -> dict[str, int]:
+        lag = sum(1 for i in self.g.entries if id_key(i) > id_key(self.g.last_delivered))
+        return {"lag": lag, "pending": len(self.g.pel)}
+
     async def pending_count(self) -> int:
         self._maybe_fail("pending_count")
         return len(self.g.pel)

@@ -36,9 +36,10 @@ class EmbeddedAnalyzer:
     async def load(self) -> None:
         async with self._load_lock:
             if self._model is None:
-                await trio.to_thread.run_sync(self._load, limiter=self._limiter)
+                await trio.to_thread.run_sync(self.load_blocking, limiter=self._limiter)
 
-    def _load(self) -> None:
+    def load_blocking(self) -> None:
+        """Load now, in this thread (scripts; the worker uses `load`)."""
         import torch
 
         if self.threads:

@@ -1,0 +1,40 @@
+"""A local model with the LLM behind it: used when the local one cannot load or fails on a batch."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from .base import Analysis, Analyzer
+
+log = logging.getLogger(__name__)
+
+
+class FallbackAnalyzer:
+    def __init__(self, primary: Analyzer, fallback: Analyzer) -> None:
+        self.primary = primary
+        self.fallback = fallback
+        self.name = primary.name
+        self._primary_broken = False
+
+    @property
+    def loaded(self) -> bool:
+        return self.primary.loaded or self._primary_broken
+
+    async def load(self) -> None:
+        try:
+            await self.primary.load()
+        except Exception as exc:  # any load failure: the LLM takes over rather than the worker stopping
+            if not self._primary_broken:
+                log.error("local model failed to load (%s); using %s instead", exc, self.fallback.name)
+            self._primary_broken = True
+
+    async def analyze(self, texts: Sequence[str]) -> list[Analysis]:
+        if not self._primary_broken:
+            await self.load()  # a load failure marks the primary broken for good: no reload per batch
+        if not self._primary_broken:
+            try:
+                return await self.primary.analyze(texts)
+            except Exception as exc:  # the batch goes to the LLM; the pipeline isolates what fails there
+                log.warning("local model failed on a batch (%s); asking %s", exc, self.fallback.name)
+        return await self.fallback.analyze(texts)

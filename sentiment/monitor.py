@@ -1,0 +1,135 @@
+"""Prometheus metrics and health probes on METRICS_PORT: /metrics, /healthz, /readyz.
+
+prometheus_client serves the exposition; a small WSGI router in front of it adds the probes. The server
+runs in a daemon thread (prometheus_client's own model); it only reads plain attributes of the worker."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+
+from .errors import SentimentError
+from .pipeline import Batch, Worker
+from .post import entry_time
+from .processing import Analysed, Outcome
+
+log = logging.getLogger(__name__)
+STALL_AFTER_S = 600.0  # work in flight, services up, and no batch committed for this long: stalled
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.posts = Counter("sentiment_posts", "Stream entries by outcome", ["outcome"], registry=registry)
+        self.batch_size = Histogram("sentiment_batch_size", "Entries per batch", registry=registry,
+                                    buckets=(1, 8, 16, 32, 64, 128, 256, 512, 1024))
+        self.inference = Histogram("sentiment_inference_seconds", "Model time per batch", registry=registry)
+        self.end_to_end = Histogram(
+            "sentiment_end_to_end_seconds", "From XADD (entry ID time) to commit, per post", registry=registry,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+        )
+        self.lag = Gauge("sentiment_consumer_group_lag", "Entries not yet delivered to the group", registry=registry)
+        self.pending = Gauge("sentiment_pending_entries", "Entries delivered and not yet acked", registry=registry)
+        self.model_loaded = Gauge("sentiment_model_loaded", "1 once the model is loaded", registry=registry)
+        self.redis_up = Gauge("sentiment_redis_up", "1 while Redis answers", registry=registry)
+        self.postgres_up = Gauge("sentiment_postgres_up", "1 while PostgreSQL answers", registry=registry)
+
+    def on_commit(self, outcome: Outcome, analysed: Analysed, batch: Batch) -> None:
+        self.posts.labels("written").inc(outcome.written - outcome.duplicates)
+        self.posts.labels("duplicate").inc(outcome.duplicates)
+        self.posts.labels("dead_lettered").inc(outcome.dead_lettered)
+        self.posts.labels("failed").inc(outcome.retried)
+        self.batch_size.observe(len(batch.entries))
+        self.inference.observe(analysed.inference_s)
+        now = time.time()
+        for record in analysed.records:
+            self.end_to_end.observe(max(0.0, now - entry_time(record.post.entry_id).timestamp()))
+
+
+class Monitor:
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.registry = CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        worker.on_commit.append(self.metrics.on_commit)
+        p = worker.processor
+        self.metrics.redis_up.set(1)
+        self.metrics.postgres_up.set(1)
+        p.redis.on_change = lambda up: self.metrics.redis_up.set(int(up))
+        p.postgres.on_change = lambda up: self.metrics.postgres_up.set(int(up))
+
+    def ready(self) -> tuple[bool, str]:
+        p = self.worker.processor
+        checks = {"model": p.analyzer.loaded, "redis": p.redis.up, "postgres": p.postgres.up}
+        missing = [k for k, ok in checks.items() if not ok]
+        return not missing, "ready" if not missing else "not ready: " + ", ".join(missing)
+
+    def healthy(self) -> tuple[bool, str]:
+        w, p = self.worker, self.worker.processor
+        idle = time.monotonic() - w.last_progress
+        if w.inflight and p.redis.up and p.postgres.up and idle > STALL_AFTER_S:
+            return False, f"stalled: {len(w.inflight)} entries in flight, no commit for {idle:.0f} s"
+        return True, "ok"
+
+    def wsgi(self) -> Callable[..., Iterable[bytes]]:
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            path = environ.get("PATH_INFO", "")
+            if path in ("/healthz", "/readyz"):
+                ok, text = self.healthy() if path == "/healthz" else self.ready()
+                start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+                return [text.encode() + b"\n"]
+            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+
+        return app
+
+    async def sample(self, every: float = 5.0) -> None:
+        """Every few seconds: group lag and pending count from Redis, and whether the servers answer."""
+        p = self.worker.processor
+        while True:
+            self.metrics.model_loaded.set(int(p.analyzer.loaded))
+            try:
+                info = await p.stream.group_info()
+                self.metrics.lag.set(info.get("lag") or 0)
+                self.metrics.pending.set(info.get("pending") or 0)
+                p.redis.succeeded()
+            except SentimentError as exc:
+                p.redis.failed(exc)
+            try:
+                await p.store.ping()
+                p.postgres.succeeded()
+            except SentimentError as exc:
+                p.postgres.failed(exc)
+            await trio.sleep(every)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
+        return None
+
+
+async def serve_monitor(worker: Worker, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve /metrics, /healthz, /readyz on `port` (0 in tests: any free port, reported via started())."""
+    monitor = Monitor(worker)
+    try:
+        server = make_server("0.0.0.0", port, monitor.wsgi(), ThreadingWSGIServer, handler_class=_QuietHandler)
+    except OSError as exc:
+        raise SentimentError(f"cannot serve metrics on METRICS_PORT={port}: {exc.strerror}") from None
+    thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+    thread.start()
+    log.info("metrics and health on port %d", server.server_port)
+    try:
+        task_status.started(server.server_port)
+        await monitor.sample()
+    finally:
+        with trio.CancelScope(shield=True):  # shutdown() waits for the serving thread's next poll
+            await trio.to_thread.run_sync(server.shutdown)
+        server.server_close()

@@ -1,0 +1,110 @@
+"""Operating the worker: metrics, health probes, stats and produce, against the real servers."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+import redis
+import trio
+
+from sentiment.config import Settings
+from sentiment.monitor import serve_monitor
+from sentiment.pipeline import Worker
+from sentiment.service import open_processor
+
+from .conftest import ROOT, rows, run_cli, worker_env
+from .fakes import FakeAnalyzer
+
+pytestmark = pytest.mark.integration
+
+
+class LazyAnalyzer(FakeAnalyzer):
+    """Loads only when told to, like the real model on its first batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loaded = False
+        self.may_load = trio.Event()
+
+    async def load(self) -> None:
+        await self.may_load.wait()
+        self.loaded = True
+
+    async def analyze(self, texts: list[str]) -> list:  # type: ignore[override]
+        await self.load()
+        return await super().analyze(texts)
+
+
+async def get(port: int, path: str) -> httpx.Response:
+    async with httpx.AsyncClient() as client:
+        return await client.get(f"http://127.0.0.1:{port}{path}")
+
+
+def counter(text: str, name: str, outcome: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(f'{name}{{outcome="{outcome}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def test_metrics_move_and_readiness_follows_the_model(settings: Settings, rds: redis.Redis) -> None:
+    analyzer = LazyAnalyzer()
+    async with open_processor(settings, analyzer) as processor:
+        worker = Worker(processor)
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                port = await nursery.start(serve_monitor, worker, 0)
+                await nursery.start(worker.run)
+                assert (await get(port, "/readyz")).status_code == 503
+                assert "model" in (await get(port, "/readyz")).text
+                assert (await get(port, "/healthz")).status_code == 200
+                before = (await get(port, "/metrics")).text
+                assert counter(before, "sentiment_posts_total", "written") == 0
+                for i in range(7):
+                    rds.xadd(settings.stream, {"post_id": f"m{i}", "content": "nice"})
+                rds.xadd(settings.stream, {"content": "no id"})
+                analyzer.may_load.set()
+                while rows(settings.database_url) < 7:
+                    await trio.sleep(0.05)
+                await trio.sleep(0.2)
+                assert (await get(port, "/readyz")).status_code == 200
+                after = (await get(port, "/metrics")).text
+                assert counter(after, "sentiment_posts_total", "written") == 7
+                assert counter(after, "sentiment_posts_total", "dead_lettered") == 1
+                assert "sentiment_end_to_end_seconds_count 7.0" in after
+                assert "sentiment_redis_up 1.0" in after and "sentiment_postgres_up 1.0" in after
+                worker.stop()
+                nursery.cancel_scope.cancel()
+
+
+def test_produce_round_trips_a_file_and_stats_reports_it(settings: Settings, tmp_path: object) -> None:
+    from pathlib import Path
+
+    folder = Path(str(tmp_path))
+    jsonl = folder / "posts.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"post_id": f"j{i}", "content": f"text {i}", "author": "a"})
+                               for i in range(5)) + "\n")
+    csv_file = folder / "posts.csv"
+    csv_file.write_text("post_id,source,content,author,created_at\nc1,web,\"hello, world\",b,2024-01-01T00:00:00Z\n")
+    env = worker_env(settings)
+    for f in (jsonl, csv_file):
+        result = run_cli(["-m", "sentiment", "produce", str(f)], env)
+        assert result.returncode == 0, result.stderr
+    result = run_cli(["-m", "sentiment", "produce", "--count", "10", "--flat"], env)
+    assert result.returncode == 0 and "published 10 posts" in result.stdout
+    drained = run_cli(["-m", "sentiment", "run", "--drain"], env)
+    assert drained.returncode == 0, drained.stderr
+    stats = run_cli(["-m", "sentiment", "stats", "--json"], env)
+    assert stats.returncode == 0, stats.stderr
+    figures = json.loads(stats.stdout)
+    assert figures["length"] == 16
+    assert figures["tables"]["sentiment_analysis"] == 16 and figures["tables"]["social_media_posts"] == 16
+    [group] = figures["groups"]
+    assert group["pending"] == 0 and group["lag"] == 0
+    assert figures["dead_letter"]["length"] == 0
+    assert rows(settings.database_url, "SELECT count(*) FROM social_media_posts WHERE content = 'hello, world'") == 1
+    text = run_cli(["-m", "sentiment", "stats"], env)
+    assert "sentiment_analysis 16" in text.stdout
+    assert str(ROOT)
