@@ -13,7 +13,9 @@ from sentiment.training.evaluate import evaluate
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("data_dir", type=Path, help="folder holding tweeteval/ and goemotions-ekman/")
     parser.add_argument("--task", choices=["sentiment", "emotion"], required=True)
     parser.add_argument("--fp32", action="store_true", help="score the unquantized model")

@@ -9,7 +9,9 @@ from typing import Any
 from .synthetic import synthetic_posts
 
 
-def bench_model(n: int, batch_size: int, repeat: int, threads: int = 0, *, quantize: bool = True) -> dict[str, Any]:
+def bench_model(
+    n: int, batch_size: int, repeat: int, threads: int = 0, *, quantize: bool = True
+) -> dict[str, Any]:
     import torch
 
     from .analysis.embedded import EmbeddedAnalyzer
@@ -24,5 +26,11 @@ def bench_model(n: int, batch_size: int, repeat: int, threads: int = 0, *, quant
         for i in range(0, n, batch_size):
             analyzer.predict(texts[i : i + batch_size])
         rates.append(n / (time.perf_counter() - started))
-    return {"posts_per_s": round(statistics.median(rates), 1), "runs": [round(r, 1) for r in rates], "n": n,
-            "batch_size": batch_size, "quantized": quantize, "threads": torch.get_num_threads()}
+    return {
+        "posts_per_s": round(statistics.median(rates), 1),
+        "runs": [round(r, 1) for r in rates],
+        "n": n,
+        "batch_size": batch_size,
+        "quantized": quantize,
+        "threads": torch.get_num_threads(),
+    }

@@ -28,15 +28,25 @@ STALL_AFTER_S = 600.0  # work in flight, services up, and no batch committed for
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.posts = Counter("sentiment_posts", "Stream entries by outcome", ["outcome"], registry=registry)
-        self.batch_size = Histogram("sentiment_batch_size", "Entries per batch", registry=registry,
-                                    buckets=(1, 8, 16, 32, 64, 128, 256, 512, 1024))
+        self.batch_size = Histogram(
+            "sentiment_batch_size",
+            "Entries per batch",
+            registry=registry,
+            buckets=(1, 8, 16, 32, 64, 128, 256, 512, 1024),
+        )
         self.inference = Histogram("sentiment_inference_seconds", "Model time per batch", registry=registry)
         self.end_to_end = Histogram(
-            "sentiment_end_to_end_seconds", "From XADD (entry ID time) to commit, per post", registry=registry,
+            "sentiment_end_to_end_seconds",
+            "From XADD (entry ID time) to commit, per post",
+            registry=registry,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
         )
-        self.lag = Gauge("sentiment_consumer_group_lag", "Entries not yet delivered to the group", registry=registry)
-        self.pending = Gauge("sentiment_pending_entries", "Entries delivered and not yet acked", registry=registry)
+        self.lag = Gauge(
+            "sentiment_consumer_group_lag", "Entries not yet delivered to the group", registry=registry
+        )
+        self.pending = Gauge(
+            "sentiment_pending_entries", "Entries delivered and not yet acked", registry=registry
+        )
         self.model_loaded = Gauge("sentiment_model_loaded", "1 once the model is loaded", registry=registry)
         self.redis_up = Gauge("sentiment_redis_up", "1 while Redis answers", registry=registry)
         self.postgres_up = Gauge("sentiment_postgres_up", "1 while PostgreSQL answers", registry=registry)
@@ -85,7 +95,9 @@ class Monitor:
             path = environ.get("PATH_INFO", "")
             if path in ("/healthz", "/readyz"):
                 ok, text = self.healthy() if path == "/healthz" else self.ready()
-                start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+                start_response(
+                    "200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")]
+                )
                 return [text.encode() + b"\n"]
             return metrics_app(environ, start_response)  # type: ignore[no-any-return]
 
@@ -112,15 +124,19 @@ class Monitor:
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
+    def log_message(self, format: str, *args: Any) -> None:
         return None
 
 
-async def serve_monitor(worker: Worker, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_monitor(
+    worker: Worker, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
     """Serve /metrics, /healthz, /readyz on `port` (0 in tests: any free port, reported via started())."""
     monitor = Monitor(worker)
     try:
-        server = make_server("0.0.0.0", port, monitor.wsgi(), ThreadingWSGIServer, handler_class=_QuietHandler)
+        server = make_server(
+            "0.0.0.0", port, monitor.wsgi(), ThreadingWSGIServer, handler_class=_QuietHandler
+        )
     except OSError as exc:
         raise SentimentError(f"cannot serve metrics on METRICS_PORT={port}: {exc.strerror}") from None
     thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)

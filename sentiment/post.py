@@ -37,8 +37,10 @@ class Post:
             raw = _utf8(fields[b"data"], "data")
             try:
                 obj = json.loads(raw)
-            except ValueError as exc:
+            except json.JSONDecodeError as exc:
                 raise InvalidPost(f"field data is not valid JSON: {exc.msg} at position {exc.pos}") from None
+            except RecursionError:
+                raise InvalidPost("field data is nested too deeply") from None
             if not isinstance(obj, dict):
                 raise InvalidPost(f"field data must hold a JSON object, got {type(obj).__name__}")
             values: dict[str, Any] = obj

@@ -37,8 +37,15 @@ def read_posts(path: Path) -> Iterator[dict[str, str]]:
                 yield {k: str(v) for k, v in obj.items() if k in FIELDS}
 
 
-def publish(settings: Settings, posts: Iterator[dict[str, str]], *, total: int | None = None,
-            flat: bool = False, chunk: int = 500, progress: bool = True) -> int:
+def publish(
+    settings: Settings,
+    posts: Iterator[dict[str, str]],
+    *,
+    total: int | None = None,
+    flat: bool = False,
+    chunk: int = 500,
+    progress: bool = True,
+) -> int:
     """XADD in pipelined chunks; returns how many were published."""
     client = redis.Redis.from_url(settings.redis_url)
     sent = 0

@@ -39,6 +39,12 @@ class Service:
             self.on_change(True)
 
 
+def _note_failure(service: Service, state: tenacity.RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    if exc is not None:
+        service.failed(exc)
+
+
 async def retrying(
     service: Service, op: Callable[..., Awaitable[T]], *args: Any, max_wait: float = 10.0, attempts: int = 0
 ) -> T:
@@ -52,7 +58,7 @@ async def retrying(
         stop=stop,
         sleep=trio.sleep,
         reraise=True,
-        before_sleep=lambda state: service.failed(state.outcome.exception()) if state.outcome else None,
+        before_sleep=lambda state: _note_failure(service, state),
     )
     async for attempt in retryer:
         with attempt:

@@ -32,16 +32,24 @@ async def collect(settings: Settings) -> dict[str, Any]:
 
 
 def render(f: dict[str, Any]) -> str:
-    lines = [f"stream {f['stream']}: {f['length']} entries; dead-letter {f['dead_letter']['stream']}: "
-             f"{f['dead_letter']['length']} entries"]
+    lines = [
+        f"stream {f['stream']}: {f['length']} entries; dead-letter {f['dead_letter']['stream']}: "
+        f"{f['dead_letter']['length']} entries"
+    ]
     for g in f["groups"]:
-        lines.append(f"group {g['name']}: lag {g['lag']}, pending {g['pending']}, "
-                     f"last delivered {g['last_delivered_id']}")
+        lines.append(
+            f"group {g['name']}: lag {g['lag']}, pending {g['pending']}, "
+            f"last delivered {g['last_delivered_id']}"
+        )
         for c in g["consumers"]:
-            lines.append(f"  consumer {c['name']:<32} pending {c['pending']:>7}  idle {c['idle_ms'] / 1000:>9.1f} s")
+            lines.append(
+                f"  consumer {c['name']:<32} pending {c['pending']:>7}  idle {c['idle_ms'] / 1000:>9.1f} s"
+            )
     t = f["tables"]
-    lines.append(f"rows: social_media_posts {t['social_media_posts']}, sentiment_analysis "
-                 f"{t['sentiment_analysis']}; last analysed {t['last_analyzed_at'] or 'never'}")
+    lines.append(
+        f"rows: social_media_posts {t['social_media_posts']}, sentiment_analysis "
+        f"{t['sentiment_analysis']}; last analysed {t['last_analyzed_at'] or 'never'}"
+    )
     return "\n".join(lines)
 
 

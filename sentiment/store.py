@@ -232,7 +232,7 @@ def _migrate(conn: psycopg.Connection[Any]) -> int:
             version = int(f.name.split("_", 1)[0])
             if version in done:
                 continue
-            conn.execute(f.read_text(encoding="utf-8"))  # type: ignore[call-overload]
+            conn.execute(f.read_text(encoding="utf-8"))
             conn.execute("INSERT INTO schema_version (version, name) VALUES (%s, %s)", (version, f.name))
             log.info("applied migration %s", f.name)
         row = conn.execute("SELECT max(version) FROM schema_version").fetchone()

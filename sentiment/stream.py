@@ -69,7 +69,7 @@ class Stream(Protocol):
     async def group_info(self) -> dict[str, int]: ...
 
 
-def _decode(value: bytes | str) -> str:
+def _decode(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
@@ -103,7 +103,8 @@ class RedisStream:
 
     async def _call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         try:
-            return await trio_asyncio.aio_as_trio(fn)(*args, **kwargs)
+            result: T = await trio_asyncio.aio_as_trio(fn)(*args, **kwargs)
+            return result
         except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
             raise StreamUnavailable(f"Redis at {mask_url(self.settings.redis_url)}: {exc}") from exc
         except rex.ResponseError as exc:
@@ -138,7 +139,7 @@ class RedisStream:
         """XREADGROUP from `start` (`>` for new entries, an ID for our own pending ones).
 
         Returns the entries and the IDs of pending entries whose stream entry was deleted."""
-        reply = await self._call(
+        reply: Any = await self._call(
             self._redis.xreadgroup, self.group, self.consumer, {self.name: start}, count=count, block=block_ms
         )
         entries: list[Entry] = []
@@ -197,7 +198,7 @@ class RedisStream:
         pipe = self._redis.pipeline(transaction=True)
         now = str(int(time.time() * 1000)).encode()
         for letter in letters:
-            fields: dict[bytes | str, bytes | str] = dict(letter.entry.fields)
+            fields: dict[Any, Any] = dict(letter.entry.fields)
             fields.update(
                 {
                     b"dead_reason": letter.reason.encode(),
@@ -209,7 +210,7 @@ class RedisStream:
                     b"dead_at_ms": now,
                 }
             )
-            pipe.xadd(self.settings.dead_letter, fields)  # type: ignore[arg-type]
+            pipe.xadd(self.settings.dead_letter, fields)
             pipe.xack(self.name, self.group, letter.entry.id)
         await self._call(pipe.execute)
 
@@ -269,17 +270,25 @@ class RedisStream:
         for g in await self._groups():
             name = _decode(g["name"])
             consumers = await self._call(self._redis.xinfo_consumers, self.name, name)
-            groups.append({
-                "name": name, "pending": int(g["pending"]), "lag": g.get("lag"),
-                "last_delivered_id": _decode(g["last-delivered-id"]),
-                "consumers": [
-                    {"name": _decode(c["name"]), "pending": int(c["pending"]), "idle_ms": int(c["idle"])}
-                    for c in consumers
-                ],
-            })
+            groups.append(
+                {
+                    "name": name,
+                    "pending": int(g["pending"]),
+                    "lag": g.get("lag"),
+                    "last_delivered_id": _decode(g["last-delivered-id"]),
+                    "consumers": [
+                        {"name": _decode(c["name"]), "pending": int(c["pending"]), "idle_ms": int(c["idle"])}
+                        for c in consumers
+                    ],
+                }
+            )
         dead = int(await self._call(self._redis.xlen, self.settings.dead_letter))
-        return {"stream": self.name, "length": length, "groups": groups,
-                "dead_letter": {"stream": self.settings.dead_letter, "length": dead}}
+        return {
+            "stream": self.name,
+            "length": length,
+            "groups": groups,
+            "dead_letter": {"stream": self.settings.dead_letter, "length": dead},
+        }
 
     async def trim_acked(self, min_age_ms: int) -> int:
         """Trim entries older than both `min_age_ms` and the oldest entry any group still has pending or

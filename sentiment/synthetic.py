@@ -7,13 +7,40 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 _OPENERS = ["", "Honestly, ", "Wow, ", "Ugh, ", "So ", "Just saying: ", "@user ", "Not gonna lie, "]
-_SUBJECTS = ["the new update", "this phone", "my flight", "the game last night", "customer support",
-             "the concert", "this coffee", "the traffic today", "the weather", "their latest album",
-             "the election debate", "my new laptop", "the hotel", "this recipe", "the train"]
-_VERDICTS = ["is absolutely amazing", "made my day", "is the worst thing ever", "is fine I guess",
-             "was a total disaster", "keeps crashing", "is surprisingly good", "scared me a bit",
-             "broke my heart", "is exactly what I needed", "makes me so angry", "is okay, nothing special",
-             "blew my mind", "is a waste of money", "was delayed again"]
+_SUBJECTS = [
+    "the new update",
+    "this phone",
+    "my flight",
+    "the game last night",
+    "customer support",
+    "the concert",
+    "this coffee",
+    "the traffic today",
+    "the weather",
+    "their latest album",
+    "the election debate",
+    "my new laptop",
+    "the hotel",
+    "this recipe",
+    "the train",
+]
+_VERDICTS = [
+    "is absolutely amazing",
+    "made my day",
+    "is the worst thing ever",
+    "is fine I guess",
+    "was a total disaster",
+    "keeps crashing",
+    "is surprisingly good",
+    "scared me a bit",
+    "broke my heart",
+    "is exactly what I needed",
+    "makes me so angry",
+    "is okay, nothing special",
+    "blew my mind",
+    "is a waste of money",
+    "was delayed again",
+]
 _ENDINGS = ["", "!", "!!", " :)", " :(", " 😍", " 😡", " #fail", " #blessed", " http://t.co/x", "...", " lol"]
 
 

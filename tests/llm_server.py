@@ -33,10 +33,20 @@ def _answer(posts: str, content: str | None) -> str:
     if content is not None:
         return content
     n = len([line for line in posts.splitlines() if line.strip()])
-    return json.dumps({"results": [
-        {"i": i, "sentiment": "positive", "sentiment_score": 0.9, "emotion": "joy", "emotion_score": 0.8}
-        for i in range(n)
-    ]})
+    return json.dumps(
+        {
+            "results": [
+                {
+                    "i": i,
+                    "sentiment": "positive",
+                    "sentiment_score": 0.9,
+                    "emotion": "joy",
+                    "emotion_score": 0.8,
+                }
+                for i in range(n)
+            ]
+        }
+    )
 
 
 @contextmanager

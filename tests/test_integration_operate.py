@@ -66,7 +66,7 @@ async def test_metrics_move_and_readiness_follows_the_model(settings: Settings, 
                     rds.xadd(settings.stream, {"post_id": f"m{i}", "content": "nice"})
                 rds.xadd(settings.stream, {"content": "no id"})
                 analyzer.may_load.set()
-                while rows(settings.database_url) < 7:
+                while rows(settings.database_url) < 7:  # noqa: ASYNC110 - polling PostgreSQL
                     await trio.sleep(0.05)
                 await trio.sleep(0.2)
                 assert (await get(port, "/readyz")).status_code == 200
@@ -84,10 +84,14 @@ def test_produce_round_trips_a_file_and_stats_reports_it(settings: Settings, tmp
 
     folder = Path(str(tmp_path))
     jsonl = folder / "posts.jsonl"
-    jsonl.write_text("\n".join(json.dumps({"post_id": f"j{i}", "content": f"text {i}", "author": "a"})
-                               for i in range(5)) + "\n")
+    jsonl.write_text(
+        "\n".join(json.dumps({"post_id": f"j{i}", "content": f"text {i}", "author": "a"}) for i in range(5))
+        + "\n"
+    )
     csv_file = folder / "posts.csv"
-    csv_file.write_text("post_id,source,content,author,created_at\nc1,web,\"hello, world\",b,2024-01-01T00:00:00Z\n")
+    csv_file.write_text(
+        'post_id,source,content,author,created_at\nc1,web,"hello, world",b,2024-01-01T00:00:00Z\n'
+    )
     env = worker_env(settings)
     for f in (jsonl, csv_file):
         result = run_cli(["-m", "sentiment", "produce", str(f)], env)
@@ -104,7 +108,10 @@ def test_produce_round_trips_a_file_and_stats_reports_it(settings: Settings, tmp
     [group] = figures["groups"]
     assert group["pending"] == 0 and group["lag"] == 0
     assert figures["dead_letter"]["length"] == 0
-    assert rows(settings.database_url, "SELECT count(*) FROM social_media_posts WHERE content = 'hello, world'") == 1
+    assert (
+        rows(settings.database_url, "SELECT count(*) FROM social_media_posts WHERE content = 'hello, world'")
+        == 1
+    )
     text = run_cli(["-m", "sentiment", "stats"], env)
     assert "sentiment_analysis 16" in text.stdout
     assert str(ROOT)

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import attrs
 
 from .labels import EMOTIONS, SENTIMENTS
 
+Validator = Callable[[Any, "attrs.Attribute[Mapping[str, float]]", Mapping[str, float]], None]
 
-def _distribution(allowed: tuple[str, ...]) -> object:
-    def check(_instance: object, attribute: attrs.Attribute[object], value: Mapping[str, float]) -> None:
+
+def _distribution(allowed: tuple[str, ...]) -> Validator:
+    def check(
+        _instance: Any, attribute: attrs.Attribute[Mapping[str, float]], value: Mapping[str, float]
+    ) -> None:
         if set(value) != set(allowed):
             raise ValueError(f"{attribute.name} must score exactly {allowed}, got {sorted(value)}")
         if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in value.values()):
@@ -25,8 +29,8 @@ def _distribution(allowed: tuple[str, ...]) -> object:
 class Analysis:
     """One text's result: labels with their probability, the full distributions, and who produced it."""
 
-    sentiment_scores: Mapping[str, float] = attrs.field(validator=_distribution(SENTIMENTS))  # type: ignore[arg-type]
-    emotion_scores: Mapping[str, float] = attrs.field(validator=_distribution(EMOTIONS))  # type: ignore[arg-type]
+    sentiment_scores: Mapping[str, float] = attrs.field(validator=_distribution(SENTIMENTS))
+    emotion_scores: Mapping[str, float] = attrs.field(validator=_distribution(EMOTIONS))
     model: str = attrs.field(validator=attrs.validators.min_len(1))
 
     @property

@@ -65,10 +65,13 @@ def load_encoder(folder: Path | None = None) -> nn.Module:
 class DualHead(nn.Module):
     """Encoder → mean pooling → (sentiment logits, emotion logits)."""
 
+    encoder: Any  # a transformers BertModel: its submodules are reached by name (embeddings, encoder.layer)
+
     def __init__(self, encoder: nn.Module) -> None:
         super().__init__()
         self.encoder = encoder
-        hidden = int(encoder.config.hidden_size)
+        config: Any = encoder.config
+        hidden = int(config.hidden_size)
         self.sentiment = nn.Linear(hidden, len(SENTIMENTS))
         self.emotion = nn.Linear(hidden, len(EMOTIONS))
 

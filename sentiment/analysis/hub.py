@@ -26,7 +26,9 @@ def parse_label_map(text: str) -> dict[str, str]:
     for pair in filter(None, (p.strip() for p in text.split(","))):
         key, sep, value = pair.partition("=")
         if not sep or value.strip() not in EMOTIONS:
-            raise ConfigError(f"EMOTION_LABEL_MAP entry {pair!r} must be label=emotion, emotion one of {EMOTIONS}")
+            raise ConfigError(
+                f"EMOTION_LABEL_MAP entry {pair!r} must be label=emotion, emotion one of {EMOTIONS}"
+            )
         out[key.strip().lower()] = value.strip()
     return out
 
@@ -67,7 +69,9 @@ class _Classifier:
         import torch
 
         with self.lock, torch.inference_mode():
-            enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
+            enc = self.tokenizer(
+                texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+            )
             probs = torch.softmax(self.model(**enc).logits.float(), -1).tolist()
         out = []
         for row in probs:
@@ -79,8 +83,13 @@ class _Classifier:
 
 
 class TransformersAnalyzer:
-    def __init__(self, sentiment_model: str, emotion_model: str, emotion_map: Mapping[str, str] | None = None,
-                 chunk: int = 32) -> None:
+    def __init__(
+        self,
+        sentiment_model: str,
+        emotion_model: str,
+        emotion_map: Mapping[str, str] | None = None,
+        chunk: int = 32,
+    ) -> None:
         self.sentiment_model = sentiment_model
         self.emotion_model = emotion_model
         self.emotion_map = {**DEFAULT_EMOTION_MAP, **(emotion_map or {})}
@@ -92,7 +101,9 @@ class TransformersAnalyzer:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TransformersAnalyzer:
-        return cls(settings.sentiment_model, settings.emotion_model, parse_label_map(settings.emotion_label_map))
+        return cls(
+            settings.sentiment_model, settings.emotion_model, parse_label_map(settings.emotion_label_map)
+        )
 
     @property
     def loaded(self) -> bool:
@@ -111,7 +122,9 @@ class TransformersAnalyzer:
 
     async def analyze(self, texts: Sequence[str]) -> list[Analysis]:
         await self.load()
-        result: list[Analysis] = await trio.to_thread.run_sync(self.predict, list(texts), limiter=self._limiter)
+        result: list[Analysis] = await trio.to_thread.run_sync(
+            self.predict, list(texts), limiter=self._limiter
+        )
         return result
 
     def predict(self, texts: list[str]) -> list[Analysis]:
@@ -124,7 +137,9 @@ class TransformersAnalyzer:
             for start in range(0, len(todo), self.chunk):
                 idx = todo[start : start + self.chunk]
                 batch = [cleaned[i] for i in idx]
-                for i, s, e in zip(idx, sentiment.distributions(batch), emotion.distributions(batch), strict=True):
+                for i, s, e in zip(
+                    idx, sentiment.distributions(batch), emotion.distributions(batch), strict=True
+                ):
                     results[i] = Analysis(s, e, self.name)
         except RuntimeError as exc:
             raise ModelError(f"inference failed: {exc}") from exc

@@ -27,7 +27,11 @@ BASE_URLS = {
     "openai": "https://api.openai.com/v1",
     "anthropic": "https://api.anthropic.com/v1",
 }
-DEFAULT_MODELS = {"groq": "llama-3.1-8b-instant", "openai": "gpt-4o-mini", "anthropic": "claude-3-5-haiku-latest"}
+DEFAULT_MODELS = {
+    "groq": "llama-3.1-8b-instant",
+    "openai": "gpt-4o-mini",
+    "anthropic": "claude-3-5-haiku-latest",
+}
 MAX_CHARS = 2000  # per post: the model sees a prefix, as the local models do
 
 INSTRUCTIONS = (
@@ -82,8 +86,17 @@ def _wait(state: tenacity.RetryCallState) -> float:
 class LLMAnalyzer:
     loaded = True
 
-    def __init__(self, provider: str, api_key: str, model: str = "", base_url: str = "", *,
-                 timeout: float = 30.0, attempts: int = 4, breaker: CircuitBreaker | None = None) -> None:
+    def __init__(
+        self,
+        provider: str,
+        api_key: str,
+        model: str = "",
+        base_url: str = "",
+        *,
+        timeout: float = 30.0,
+        attempts: int = 4,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
         if provider not in BASE_URLS:
             raise ConfigError(f"LLM_PROVIDER must be one of {', '.join(BASE_URLS)}, got {provider!r}")
         if not api_key:
@@ -127,7 +140,9 @@ class LLMAnalyzer:
                         parsed = await self._ask(client, [texts[i][:MAX_CHARS] for i in todo])
         except RetryableReply as exc:
             self.breaker.record(False)
-            raise ModelError(self._clean(f"LLM {self.provider} failed after {self.attempts} tries: {exc}")) from None
+            raise ModelError(
+                self._clean(f"LLM {self.provider} failed after {self.attempts} tries: {exc}")
+            ) from None
         except ModelError:
             self.breaker.record(False)
             raise
@@ -146,14 +161,19 @@ class LLMAnalyzer:
             url = f"{self.base_url}/messages"
             headers = {"x-api-key": self._key, "anthropic-version": "2023-06-01"}
             body: dict[str, Any] = {
-                "model": self.model, "max_tokens": 64 + 80 * len(texts), "system": INSTRUCTIONS,
-                "messages": [{"role": "user", "content": posts}], "temperature": 0,
+                "model": self.model,
+                "max_tokens": 64 + 80 * len(texts),
+                "system": INSTRUCTIONS,
+                "messages": [{"role": "user", "content": posts}],
+                "temperature": 0,
             }
         else:
             url = f"{self.base_url}/chat/completions"
             headers = {"Authorization": f"Bearer {self._key}"}
             body = {
-                "model": self.model, "temperature": 0, "response_format": {"type": "json_object"},
+                "model": self.model,
+                "temperature": 0,
+                "response_format": {"type": "json_object"},
                 "messages": [{"role": "system", "content": INSTRUCTIONS}, {"role": "user", "content": posts}],
             }
         try:
@@ -167,11 +187,16 @@ class LLMAnalyzer:
         if response.status_code in (401, 403):
             raise ModelError(f"LLM {self.provider} rejected LLM_API_KEY (HTTP {response.status_code})")
         if response.status_code >= 400:
-            raise ModelError(self._clean(f"LLM {self.provider} answered HTTP {response.status_code}: {response.text[:200]}"))
+            raise ModelError(
+                self._clean(
+                    f"LLM {self.provider} answered HTTP {response.status_code}: {response.text[:200]}"
+                )
+            )
         try:
             payload = response.json()
             content = (
-                payload["content"][0]["text"] if self.provider == "anthropic"
+                payload["content"][0]["text"]
+                if self.provider == "anthropic"
                 else payload["choices"][0]["message"]["content"]
             )
             return self._parse(content, len(texts))
@@ -184,7 +209,9 @@ class LLMAnalyzer:
             text = text.strip("`").removeprefix("json").strip()
         items = json.loads(text)["results"]
         if not isinstance(items, list) or len(items) != n:
-            raise ValueError(f"expected {n} results, got {len(items) if isinstance(items, list) else items!r}")
+            raise ValueError(
+                f"expected {n} results, got {len(items) if isinstance(items, list) else items!r}"
+            )
         by_index = {int(item["i"]): item for item in items}
         if sorted(by_index) != list(range(n)):
             raise ValueError("results are not numbered 0..n-1")

@@ -28,5 +28,10 @@ def evaluate(data_dir: Path, task: str, *, quantize: bool = True, limit: int = 0
     for start in tqdm(range(0, len(texts), 256), desc=f"{task} test", unit="batch", mininterval=5):
         for result in analyzer.predict(texts[start : start + 256]):
             predicted.append(labels.index(result.sentiment if task == "sentiment" else result.emotion))
-    return {"task": task, "n": len(texts), **data.scores(gold, predicted, len(labels)),
-            "quantized": quantize, "model": analyzer.name}
+    return {
+        "task": task,
+        "n": len(texts),
+        **data.scores(gold, predicted, len(labels)),
+        "quantized": quantize,
+        "model": analyzer.name,
+    }

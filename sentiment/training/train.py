@@ -55,7 +55,8 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(0.1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + (self.dropout(x) @ self.A.T @ self.B.T) * self.scale
+        out: torch.Tensor = self.base(x) + (self.dropout(x) @ self.A.T @ self.B.T) * self.scale
+        return out
 
 
 def attach_lora(model: DualHead, rank: int, alpha: float, frozen_layers: int) -> dict[str, LoRALinear]:
@@ -77,7 +78,7 @@ def _batches(examples: data.Examples, size: int, rng: random.Random) -> list[lis
     order = list(range(len(examples)))
     rng.shuffle(order)
     chunk = size * 50
-    batches = []
+    batches: list[list[int]] = []
     for start in range(0, len(order), chunk):
         part = sorted(order[start : start + chunk], key=lambda i: len(examples.texts[i]))
         batches.extend(part[i : i + size] for i in range(0, len(part), size))

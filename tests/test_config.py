@@ -1,0 +1,73 @@
+"""Settings: defaults, .env file, environment precedence, validation messages, secrets kept out of text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sentiment.config import Settings, mask_url
+from sentiment.errors import ConfigError
+
+
+def test_defaults_follow_the_seed(tmp_path: Path) -> None:
+    s = Settings.from_env({}, dotenv=tmp_path / ".env")
+    assert (s.database_url, s.redis_url) == ("postgresql://localhost/sentiment", "redis://localhost:6379/0")
+    assert (s.stream, s.group, s.max_deliveries, s.model_type) == (
+        "social_posts",
+        "sentiment_workers",
+        5,
+        "embedded",
+    )
+    assert s.dead_letter == "social_posts:dead"
+    assert "-" in s.consumer  # hostname-pid
+
+
+def test_dotenv_is_read_and_the_environment_wins(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("REDIS_STREAM_NAME=from_file\nBATCH_SIZE=7\n# comment\nREDIS_HOST=cache\n")
+    s = Settings.from_env({"BATCH_SIZE": "9"}, dotenv=env_file)
+    assert (s.stream, s.batch_size, s.redis_url) == ("from_file", 9, "redis://cache:6379/0")
+    assert s.dead_letter == "from_file:dead"
+
+
+def test_redis_url_overrides_host_and_port() -> None:
+    s = Settings.from_env({"REDIS_URL": "rediss://:pw@secure:6380/2", "REDIS_HOST": "ignored"}, dotenv=None)
+    assert s.redis_url == "rediss://:pw@secure:6380/2"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"BATCH_SIZE": "0"}, "BATCH_SIZE must be an integer from 1 to 10000, got 0"),
+        ({"BLOCK_MS": "soon"}, "BLOCK_MS must be an integer"),
+        ({"MODEL_TYPE": "gpt"}, "MODEL_TYPE must be one of embedded, transformers, llm, noop"),
+        ({"DATABASE_URL": "mysql://x/y"}, "DATABASE_URL must start with postgresql://"),
+        ({"REDIS_URL": "redis://h:notaport"}, "REDIS_URL is not a valid URL"),
+        ({"SHUTDOWN_GRACE_S": "-1"}, "SHUTDOWN_GRACE_S must be a number from 0 to 3600"),
+        ({"MODEL_QUANTIZE": "maybe"}, "MODEL_QUANTIZE must be one of 1/0"),
+    ],
+)
+def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        Settings.from_env(env, dotenv=None)
+
+
+def test_secrets_never_show() -> None:
+    s = Settings.from_env(
+        {
+            "DATABASE_URL": "postgresql://u:hunter2@db/x",
+            "REDIS_URL": "redis://:r3dis@h:1/0",
+            "LLM_API_KEY": "sk-abc",
+        },
+        dotenv=None,
+    )
+    text = repr(s) + str(s)
+    assert "hunter2" not in text and "r3dis" not in text and "sk-abc" not in text
+    assert (
+        mask_url("postgresql://u:hunter2@db:5432/x?sslmode=require")
+        == "postgresql://u:***@db:5432/x?sslmode=require"
+    )
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({"DATABASE_URL": "mysql://u:hunter2@db/x"}, dotenv=None)
+    assert "hunter2" not in str(err.value)
