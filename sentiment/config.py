@@ -89,7 +89,17 @@ class Settings:
 
             env.update({k: v for k, v in dotenv_values(dotenv).items() if v is not None})
         env.update(os.environ if environ is None else environ)
-        r = _Reader(env)
+        return cls._from_reader(_Reader(env))
+
+    @classmethod
+    def env_names(cls) -> frozenset[str]:
+        """Every variable the settings read (for .env.example, compose and their tests)."""
+        reader = _Reader({})
+        cls._from_reader(reader)
+        return frozenset(reader.seen)
+
+    @classmethod
+    def _from_reader(cls, r: _Reader) -> Settings:
         d = cls()  # the defaults (class attributes of a slotted attrs class are descriptors, not values)
         stream = r.text("REDIS_STREAM_NAME", d.stream)
         return cls(
@@ -124,11 +134,13 @@ class Settings:
         )
 
 
-@attrs.frozen
+@attrs.define
 class _Reader:
     env: Mapping[str, str]
+    seen: set[str] = attrs.Factory(set)
 
     def _get(self, name: str) -> str | None:
+        self.seen.add(name)
         value = self.env.get(name)
         return None if value is None or value.strip() == "" else value.strip()
 
@@ -206,10 +218,11 @@ class _Reader:
 
 
 def _redis_url(r: _Reader) -> str:
-    if r.env.get("REDIS_URL", "").strip():
-        return r.url("REDIS_URL", "", ("redis", "rediss", "unix"))
+    url = r.url("REDIS_URL", "redis://localhost:6379/0", ("redis", "rediss", "unix"))
     host = r.text("REDIS_HOST", "localhost")
     port = r.integer("REDIS_PORT", 6379, 1, 65535)
-    password = r.env.get("REDIS_PASSWORD", "")
+    password = r.text("REDIS_PASSWORD", "", required=False)
+    if r.env.get("REDIS_URL", "").strip():
+        return url
     auth = f":{quote(password, safe='')}@" if password else ""
     return f"redis://{auth}{host}:{port}/0"
