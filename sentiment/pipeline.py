@@ -182,6 +182,10 @@ class Worker:
                         outcome = await self.processor.commit(analysed)
                     finally:
                         self._commits.discard(scope)
+                if scope.cancelled_caught:
+                    # Cut by the end of the grace period: these entries stay pending for reclaim.
+                    log.warning("grace period over: %d entries left pending", len(batch.entries))
+                    break
                 for entry in batch.entries:
                     self.inflight.pop(entry.id, None)
                 self.totals.add(outcome)
@@ -195,6 +199,8 @@ class Worker:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._renew_leases)
                 nursery.start_soon(self._summaries)
+                if self.settings.stream_retention_s:
+                    nursery.start_soon(self._retain)
 
     async def _renew_leases(self) -> None:
         """Reset the idle time of entries in flight (XCLAIM … JUSTID to ourselves) well before
@@ -205,6 +211,16 @@ class Worker:
             ids = list(self.inflight)
             if ids:
                 await retrying(self.processor.redis, self.stream.renew, ids)
+
+    async def _retain(self) -> None:
+        """STREAM_RETENTION: acked entries pile up (XACK does not delete); trim those older than the
+        retention and older than anything a group still has pending or unread."""
+        age_ms = self.settings.stream_retention_s * 1000
+        while True:
+            trimmed = await retrying(self.processor.redis, self.stream.trim_acked, age_ms)
+            if trimmed:
+                log.info("retention trimmed %d acked entries", trimmed)
+            await trio.sleep(min(60.0, max(1.0, self.settings.stream_retention_s / 4)))
 
     async def _summaries(self, every: float = 30.0) -> None:
         last, last_t = attrs.evolve(self.totals), trio.current_time()

@@ -41,12 +41,18 @@ class Service:
 
 def _note_failure(service: Service, state: tenacity.RetryCallState) -> None:
     exc = state.outcome.exception() if state.outcome else None
-    if exc is not None:
+    if exc is None:
+        return
+    # One failure that the first retry cures is a blip (a pooled connection that went stale while the
+    # server restarted), not an outage: only a second failure in a row marks the service down.
+    if state.attempt_number >= 2:
         service.failed(exc)
+    else:
+        log.debug("%s call failed once, retrying: %s", service.name, exc)
 
 
 async def retrying(
-    service: Service, op: Callable[..., Awaitable[T]], *args: Any, max_wait: float = 10.0, attempts: int = 0
+    service: Service, op: Callable[..., Awaitable[T]], *args: Any, max_wait: float = 5.0, attempts: int = 0
 ) -> T:
     """Run `op(*args)` until it succeeds, backing off on TransientError; other errors propagate at once.
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import trio
 import trio_asyncio
@@ -24,8 +24,12 @@ log = logging.getLogger("sentiment")
 @asynccontextmanager
 async def open_processor(settings: Settings, analyzer: Analyzer | None = None) -> AsyncIterator[Processor]:
     """The real stream and store, and the analyzer the settings name (or the one given)."""
-    # One asyncio loop for the whole run, opened here at the top (redis.asyncio lives on it).
-    async with trio_asyncio.open_loop(), RedisStream.open(settings) as stream:
+    async with AsyncExitStack() as stack:
+        # One asyncio loop for the whole run (redis.asyncio lives on it): opened here unless the caller
+        # has one open already, as when several workers share a process.
+        if trio_asyncio.current_loop.get() is None:
+            await stack.enter_async_context(trio_asyncio.open_loop())
+        stream = await stack.enter_async_context(RedisStream.open(settings))
         store = PostgresStore(settings.database_url)
         try:
             yield Processor(settings, stream, store, analyzer or build_analyzer(settings))

@@ -67,6 +67,7 @@ class Stream(Protocol):
     ) -> list[PendingEntry]: ...
     async def pending_count(self) -> int: ...
     async def group_info(self) -> dict[str, int]: ...
+    async def trim_acked(self, min_age_ms: int) -> int: ...
 
 
 def _decode(value: Any) -> str:
@@ -291,17 +292,19 @@ class RedisStream:
         }
 
     async def trim_acked(self, min_age_ms: int) -> int:
-        """Trim entries older than both `min_age_ms` and the oldest entry any group still has pending or
-        has not yet read, so retention never drops work a group still owes (XTRIM MINID)."""
-        now_ms = int(time.time() * 1000)
-        floor = now_ms - min_age_ms
+        """Trim entries older than `min_age_ms` that every group has read and acked (XTRIM MINID): the
+        floor is the oldest pending ID of any group and the first ID after any group's last delivered one,
+        so retention never drops work a group still owes."""
+        floor = (int(time.time() * 1000) - min_age_ms, 0)
         for group in await self._groups():
             if int(group.get("pending", 0)):
                 summary = await self._call(self._redis.xpending, self.name, _decode(group["name"]))
-                floor = min(floor, id_key(_decode(summary["min"]))[0])
-            last = id_key(_decode(group["last-delivered-id"]))[0]
-            floor = min(floor, last)  # entries after last-delivered-id are still unread by that group
-        return int(await self._call(self._redis.xtrim, self.name, minid=f"{floor}-0", approximate=False))
+                floor = min(floor, id_key(_decode(summary["min"])))
+            ms, seq = id_key(_decode(group["last-delivered-id"]))
+            floor = min(floor, (ms, seq + 1))
+        return int(
+            await self._call(self._redis.xtrim, self.name, minid=f"{floor[0]}-{floor[1]}", approximate=False)
+        )
 
 
 def id_key(entry_id: str) -> tuple[int, int]:

@@ -150,6 +150,13 @@ class FakeStream:
         lag = sum(1 for i in self.g.entries if id_key(i) > id_key(self.g.last_delivered))
         return {"lag": lag, "pending": len(self.g.pel)}
 
+    async def trim_acked(self, min_age_ms: int) -> int:
+        floor = min([id_key(self.g.last_delivered), *(id_key(i) for i in self.g.pel)])
+        old = [i for i in self.g.entries if id_key(i) < floor]
+        for i in old:
+            del self.g.entries[i]
+        return len(old)
+
     async def pending_count(self) -> int:
         self._maybe_fail("pending_count")
         return len(self.g.pel)

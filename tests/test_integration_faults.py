@@ -1,0 +1,231 @@
+"""Faults the worker must ride out, on real servers: outages, a cut commit, a failed ack, slow batches,
+a poison text, retention. Outages use throwaway servers that only these tests stop and restart."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import attrs
+import psycopg
+import pytest
+import redis
+import trio
+import trio_asyncio
+
+from sentiment.config import Settings
+from sentiment.errors import StreamUnavailable
+from sentiment.pipeline import Worker
+from sentiment.reclaim import reclaim
+from sentiment.service import open_processor
+from sentiment.throwaway import ThrowawayPostgres, ThrowawayRedis, make_workdir
+
+from .conftest import ROOT, rows, worker_env
+from .fakes import FakeAnalyzer
+
+pytestmark = pytest.mark.integration
+
+
+def publish(r: redis.Redis, stream: str, ids: range, text: str = "fine text") -> None:
+    pipe = r.pipeline(transaction=False)
+    for i in ids:
+        pipe.xadd(stream, {"post_id": f"p{i}", "content": f"{text} {i}"})
+    pipe.execute()
+
+
+@pytest.fixture
+def servers() -> Iterator[tuple[ThrowawayRedis, ThrowawayPostgres]]:
+    work = make_workdir()
+    r, pg = ThrowawayRedis(work / "redis"), ThrowawayPostgres(work / "pg")
+    r.start()
+    pg.start()
+    yield r, pg
+    r.stop()
+    pg.stop("immediate")
+
+
+def test_redis_and_postgres_outages_of_10s_lose_nothing(
+    servers: tuple[ThrowawayRedis, ThrowawayPostgres],
+) -> None:
+    r, pg = servers
+    settings = Settings(database_url=pg.url, redis_url=r.url, stream="faults", model_type="noop")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sentiment", "run"],
+        cwd=ROOT / "tests",
+        stderr=subprocess.PIPE,
+        text=True,
+        env=worker_env(settings, BATCH_SIZE="20", BLOCK_MS="200", CLAIM_MIN_IDLE_MS="5000"),
+    )
+    client = redis.Redis.from_url(r.url)
+    try:
+        publish(client, "faults", range(0, 500))
+        _wait_rows(pg.url, 500)
+        r.restart(down_for=10.0)  # Redis gone for 10 s mid-run
+        publish(client, "faults", range(500, 1000))
+        pg.stop()  # PostgreSQL gone for 10 s, with posts arriving
+        publish(client, "faults", range(1000, 1500))
+        time.sleep(10.0)
+        pg.start()
+        _wait_rows(pg.url, 1500)
+        assert proc.poll() is None, "the worker must not exit during outages"
+        deadline = time.monotonic() + 10  # the last batch's ack follows its commit
+        while client.xpending("faults", "sentiment_workers")["pending"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.xpending("faults", "sentiment_workers")["pending"] == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, log = proc.communicate(timeout=60)
+        client.close()
+    assert proc.returncode == 0, log
+    assert rows(pg.url, "SELECT count(DISTINCT post_id) FROM sentiment_analysis") == 1500
+    assert log.count("Redis unavailable") == 1, log
+    assert log.count("PostgreSQL unavailable") == 1, log
+    assert "Redis is back" in log and "PostgreSQL is back" in log
+
+
+def _wait_rows(dsn: str, n: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if rows(dsn) >= n:
+                return
+        except psycopg.Error:
+            pass  # database or table not there yet
+        time.sleep(0.1)
+    raise AssertionError(f"fewer than {n} rows after {timeout:g} s")
+
+
+async def test_connection_cut_at_commit_is_retried_without_double_rows(
+    settings: Settings, rds: redis.Redis
+) -> None:
+    publish(rds, settings.stream, range(30))
+    async with open_processor(settings, FakeAnalyzer()) as processor:
+        await processor.store.migrate()
+    # A deferred trigger kills the writing backend at COMMIT, once: the rows were sent, the commit fails.
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        conn.execute("""
+            CREATE SEQUENCE cut_once;
+            CREATE FUNCTION cut_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF nextval('cut_once') = 1 THEN PERFORM pg_terminate_backend(pg_backend_pid()); END IF;
+                RETURN NULL;
+            END $$;
+            CREATE CONSTRAINT TRIGGER cut AFTER INSERT ON sentiment_analysis
+                DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION cut_at_commit();
+        """)
+    async with open_processor(settings, FakeAnalyzer()) as processor:
+        worker = Worker(processor)
+        with trio.fail_after(60):
+            await worker.run(drain=True)
+    assert rows(settings.database_url, "SELECT last_value FROM cut_once") > 1  # it fired, and the retry wrote
+    assert rows(settings.database_url) == 30
+    assert rows(settings.database_url, "SELECT count(DISTINCT post_id) FROM sentiment_analysis") == 30
+    assert int(rds.xpending(settings.stream, settings.group)["pending"]) == 0
+
+
+async def test_failed_ack_after_commit_is_redelivered_and_absorbed(
+    settings: Settings, rds: redis.Redis
+) -> None:
+    publish(rds, settings.stream, range(20))
+    fast_stop = attrs.evolve(settings, shutdown_grace_s=0.5)
+    async with open_processor(fast_stop, FakeAnalyzer()) as processor:
+
+        async def blip(ids: object) -> None:
+            raise StreamUnavailable("injected: XACK lost")
+
+        processor.stream.ack = blip  # type: ignore[method-assign]
+        worker = Worker(processor)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(worker.run)
+            await wait_rows(settings.database_url, 20)
+            worker.stop()  # the ack keeps failing: the grace period ends it, entries stay pending
+    assert rows(settings.database_url) == 20
+    assert int(rds.xpending(settings.stream, settings.group)["pending"]) == 20
+    async with open_processor(settings, FakeAnalyzer()) as processor:
+        again = Worker(processor)
+        await again.run(drain=True)
+    assert again.totals.duplicates == 20  # redelivered; ON CONFLICT absorbed every one
+    assert rows(settings.database_url) == 20
+    assert int(rds.xpending(settings.stream, settings.group)["pending"]) == 0
+
+
+async def wait_rows(dsn: str, n: int) -> None:
+    with trio.fail_after(60):
+        while True:
+            try:
+                if rows(dsn) >= n:
+                    return
+            except psycopg.errors.UndefinedTable:
+                pass  # the worker has not migrated yet
+            await trio.sleep(0.05)
+
+
+class SlowAnalyzer(FakeAnalyzer):
+    """Takes `seconds` of real time per batch, in a worker thread like a real model."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    async def analyze(self, texts: list[str]) -> list:  # type: ignore[override]
+        await trio.to_thread.run_sync(time.sleep, self.seconds)
+        return await super().analyze(texts)
+
+
+async def test_slow_batches_keep_their_lease_from_a_second_worker(
+    settings: Settings, rds: redis.Redis
+) -> None:
+    publish(rds, settings.stream, range(40))
+    tuned = attrs.evolve(settings, batch_size=10, claim_min_idle_ms=300, reclaim_interval_ms=50)
+    a, b = SlowAnalyzer(1.0), SlowAnalyzer(1.0)  # each batch takes over 3x CLAIM_MIN_IDLE_MS
+    with trio.fail_after(60):
+        async with (
+            trio_asyncio.open_loop(),  # one loop for both workers in this process
+            open_processor(attrs.evolve(tuned, consumer="w1"), a) as p1,
+            open_processor(attrs.evolve(tuned, consumer="w2"), b) as p2,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(lambda: Worker(p1).run(drain=True))
+            nursery.start_soon(lambda: Worker(p2).run(drain=True))
+    analysed = [t for calls in (a.calls, b.calls) for batch in calls for t in batch]
+    assert sorted(analysed) == sorted(f"fine text {i}" for i in range(40))  # each exactly once
+    assert rows(settings.database_url) == 40
+
+
+async def test_one_failing_text_is_isolated_then_dead_lettered(settings: Settings, rds: redis.Redis) -> None:
+    publish(rds, settings.stream, range(9))
+    rds.xadd(settings.stream, {"post_id": "poison", "content": "POISON"})
+    tuned = attrs.evolve(settings, max_deliveries=2, claim_min_idle_ms=50, reclaim_interval_ms=20)
+    async with open_processor(tuned, FakeAnalyzer()) as processor:
+        worker = Worker(processor)
+        with trio.fail_after(60):
+            await worker.run(drain=True)
+    assert rows(settings.database_url) == 9
+    [(_, fields)] = rds.xrange(settings.dead_letter)
+    assert fields[b"post_id"] == b"poison" and fields[b"dead_deliveries"] == b"2"
+    assert fields[b"dead_reason"].startswith(b"analysis failed 2 times: ModelError: poisoned text")
+    assert worker.totals.retried == 1
+
+
+async def test_retention_never_trims_pending_work(settings: Settings, rds: redis.Redis) -> None:
+    publish(rds, settings.stream, range(10))
+    rds.xgroup_create(settings.stream, settings.group, id="0")
+    rds.xreadgroup(settings.group, "dead-consumer", {settings.stream: ">"}, count=3)  # p0-p2: pending
+    publish(rds, settings.stream, range(10, 20))
+    # Another consumer processes and acks the rest (the dead consumer's entries are too fresh to reclaim).
+    async with open_processor(attrs.evolve(settings, claim_min_idle_ms=10**8), FakeAnalyzer()) as processor:
+        worker = Worker(processor)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(worker.run)
+            await wait_rows(settings.database_url, 17)
+            worker.stop()
+        assert await processor.stream.trim_acked(0) == 0  # the oldest entries are pending: none may go
+    assert rds.xlen(settings.stream) == 20
+    await trio.sleep(0.01)
+    async with open_processor(settings, FakeAnalyzer()) as processor:
+        assert (await reclaim(processor, min_idle_ms=1)).processed == 3
+        assert await processor.stream.trim_acked(0) == 20  # all acked now: all may go
+    assert rows(settings.database_url) == 20
