@@ -206,7 +206,8 @@ def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
 
 def _check(redis_url: str, dsn: str, published: list[str]) -> dict[str, Any]:
     client = redis.Redis.from_url(redis_url)
-    dead = Counter(f.get(b"post_id", b"").decode() for _, f in client.xrange(f"{STREAM}:dead"))
+    letters: Any = client.xrange(f"{STREAM}:dead")
+    dead = Counter(fields.get(b"post_id", b"").decode() for _, fields in letters)
     pending = int(client.xpending(STREAM, GROUP)["pending"])
     client.close()
     with psycopg.connect(dsn) as conn:
