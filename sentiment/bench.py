@@ -1,12 +1,33 @@
-"""Measurements behind scripts/bench*.py: each returns a dict that the script prints as JSON."""
+"""Measurements behind scripts/bench*.py. Each returns a dict; ratios are taken within one run."""
 
 from __future__ import annotations
 
+import multiprocessing
+import resource
 import statistics
+import subprocess
+import sys
+import threading
 import time
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 from .synthetic import synthetic_posts
+
+
+def in_child(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """Run `fn(*args)` in a fresh process; add its peak RSS (what one worker process costs)."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        result: dict[str, Any] = pool.apply(_measured, (fn, *args))
+    return result
+
+
+def _measured(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    result = fn(*args)
+    result["rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return result
 
 
 def bench_model(
@@ -36,10 +57,38 @@ def bench_model(
     }
 
 
-def bench_pipeline(n: int, batch_size: int, redis_url: str, database_url: str, model_type: str = "noop") -> dict[str, Any]:
-    """N posts through one worker (real Redis + PostgreSQL), from first read to last commit."""
-    import uuid
+def bench_seed_shapes(n: int, batch_size: int, per_post: bool = False) -> dict[str, Any]:
+    """Random-weight classifiers of the seed's shapes (roberta-base sentiment + distilroberta emotion):
+    the seed's compute without a download. `per_post`: one post at a time, as the seed ran them."""
+    import torch
+    from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
 
+    from .analysis.encoder import encoder_path
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(str(encoder_path()), local_files_only=True)  # same token counts
+    base = RobertaConfig(vocab_size=tok.vocab_size, num_labels=3, max_position_embeddings=514)
+    distil = RobertaConfig(
+        vocab_size=tok.vocab_size, num_labels=7, num_hidden_layers=6, max_position_embeddings=514
+    )
+    models = [RobertaForSequenceClassification(c).eval() for c in (base, distil)]
+    texts = [p["content"] for p in synthetic_posts(n, seed=7)]
+    step = 1 if per_post else batch_size
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, n, step):
+            enc = tok(texts[i : i + step], padding=True, truncation=True, max_length=128, return_tensors="pt")
+            for m in models:
+                m(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    return {"posts_per_s": round(n / (time.perf_counter() - started), 1), "n": n, "batch_size": step}
+
+
+def bench_pipeline(
+    n: int, batch_size: int, redis_url: str, database_url: str, model_type: str = "noop", rate: float = 0.0
+) -> dict[str, Any]:
+    """N posts through one in-process worker (real Redis + PostgreSQL), first read to last commit.
+
+    `rate` > 0 publishes at that pace while the worker runs (for latency); else all are published first."""
     import trio
 
     from .config import Settings
@@ -49,9 +98,19 @@ def bench_pipeline(n: int, batch_size: int, redis_url: str, database_url: str, m
     from .service import open_processor
 
     stream = f"bench:{uuid.uuid4().hex[:8]}"
-    settings = Settings(database_url=database_url, redis_url=redis_url, stream=stream, batch_size=batch_size,
-                        model_type=model_type, metrics_port=0, consumer="bench")
-    publish(settings, synthetic_posts(n, seed=3, prefix=stream), total=n, progress=False)
+    settings = Settings(
+        database_url=database_url,
+        redis_url=redis_url,
+        stream=stream,
+        batch_size=batch_size,
+        model_type=model_type,
+        metrics_port=0,
+        consumer="bench",
+        block_ms=100,
+    )
+    posts = list(synthetic_posts(n, seed=3, prefix=stream))
+    if not rate:
+        publish(settings, iter(posts), total=n, progress=False)
     marks: dict[str, float] = {}
     latencies: list[float] = []
 
@@ -61,21 +120,153 @@ def bench_pipeline(n: int, batch_size: int, redis_url: str, database_url: str, m
         marks["last_commit"] = now
         latencies.extend(now - int(r.post.entry_id.split("-")[0]) / 1000 for r in analysed.records)
 
+    def paced() -> None:
+        for i in range(0, n, 10):
+            publish(settings, iter(posts[i : i + 10]), progress=False)
+            time.sleep(10 / rate)
+
     async def main() -> None:
         async with open_processor(settings) as processor:
             await processor.store.migrate()
-            if model_type != "noop":
-                await processor.analyzer.load()
+            await processor.analyzer.load()
             worker = Worker(processor)
             worker.on_commit.append(on_commit)
-            await worker.run(drain=True)
+            if rate:
+                publisher = threading.Thread(target=paced)
+                publisher.start()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(worker.run)
+                    while publisher.is_alive() or len(latencies) < n:  # noqa: ASYNC110 - a thread to watch
+                        await trio.sleep(0.05)
+                    worker.stop()
+            else:
+                await worker.run(drain=True)
 
     trio.run(main)
+    _drop_stream(redis_url, stream)
+    elapsed = marks["last_commit"] - marks["first_read"]
+    ordered = sorted(latencies)
+    return {
+        "posts_per_s": round(n / elapsed, 1),
+        "n": n,
+        "batch_size": batch_size,
+        "seconds": round(elapsed, 3),
+        "model": model_type,
+        "p50_ms": _pct(ordered, 50),
+        "p95_ms": _pct(ordered, 95),
+        "p99_ms": _pct(ordered, 99),
+        "latencies_ms": [round(x * 1000, 2) for x in ordered[:: max(1, len(ordered) // 500)]],
+    }
+
+
+def _pct(ordered: list[float], p: float) -> float:
+    return round(ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))] * 1000, 1) if ordered else 0.0
+
+
+def _drop_stream(redis_url: str, stream: str) -> None:
     import redis
 
     client = redis.Redis.from_url(redis_url)
     client.delete(stream, f"{stream}:dead")
     client.close()
-    elapsed = marks["last_commit"] - marks["first_read"]
-    return {"posts_per_s": round(n / elapsed, 1), "n": n, "batch_size": batch_size, "seconds": round(elapsed, 3),
-            "model": model_type}
+
+
+def bench_raw(n: int, batch_size: int, redis_url: str, database_url: str) -> dict[str, Any]:
+    """The stack's floor: a plain synchronous loop of XREADGROUP + COPY + INSERT … ON CONFLICT + XACK,
+    no framework and no validation."""
+    import psycopg
+    import redis
+
+    from .config import Settings
+    from .produce import publish
+    from .store import _COLUMNS, _INSERT_ANALYSES, _INSERT_POSTS, _TEMP_TABLE
+
+    stream = f"raw:{uuid.uuid4().hex[:8]}"
+    settings = Settings(database_url=database_url, redis_url=redis_url, stream=stream)
+    publish(settings, synthetic_posts(n, seed=4, prefix=stream), total=n, progress=False)
+    r = redis.Redis.from_url(redis_url)
+    r.xgroup_create(stream, "raw", id="0")
+    scores = '{"sentiment": {}, "emotion": {}}'
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(_TEMP_TABLE)
+        started = time.perf_counter()
+        while True:
+            reply: Any = r.xreadgroup("raw", "c", {stream: ">"}, count=batch_size)
+            if not reply:
+                break
+            entries = reply[0][1]
+            with conn.transaction(), conn.cursor() as cur:
+                with cur.copy(f"COPY incoming ({', '.join(_COLUMNS)}) FROM STDIN") as copy:
+                    for entry_id, f in entries:
+                        copy.write_row(
+                            (
+                                f[b"post_id"].decode(),
+                                "",
+                                f[b"content"].decode(),
+                                "",
+                                "2026-01-01",
+                                "neutral",
+                                1.0,
+                                "neutral",
+                                1.0,
+                                scores,
+                                "raw",
+                                entry_id.decode(),
+                            )
+                        )
+                cur.execute(_INSERT_POSTS)
+                cur.execute(_INSERT_ANALYSES)
+            r.xack(stream, "raw", *[e[0] for e in entries])
+        elapsed = time.perf_counter() - started
+    r.delete(stream)
+    r.close()
+    return {"posts_per_s": round(n / elapsed, 1), "n": n, "batch_size": batch_size}
+
+
+def bench_workers(k: int, n: int, redis_url: str, database_url: str, batch_size: int = 64) -> dict[str, Any]:
+    """k worker processes on one stream of n posts, torch threads split so cores are not oversubscribed."""
+    import os
+
+    import psycopg
+
+    from .config import Settings
+    from .produce import publish
+
+    stream = f"workers:{uuid.uuid4().hex[:8]}"
+    settings = Settings(database_url=database_url, redis_url=redis_url, stream=stream)
+    publish(settings, synthetic_posts(n, seed=5, prefix=stream), total=n, progress=False)
+    threads = max(1, (os.cpu_count() or 2) // k)
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "REDIS_STREAM_NAME": stream,
+        "METRICS_PORT": "0",
+        "INFERENCE_THREADS": str(threads),
+        "MODEL_EAGER": "1",
+        "BATCH_SIZE": str(batch_size),
+        "LOG_LEVEL": "WARNING",
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "sentiment", "run", "--drain"], env={**env, "CONSUMER_NAME": f"bw{i}"}
+        )
+        for i in range(k)
+    ]
+    for p in procs:
+        p.wait()
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    with psycopg.connect(database_url) as conn:
+        row: Any = conn.execute(
+            "SELECT count(*), extract(epoch FROM max(analyzed_at) - min(analyzed_at)) FROM sentiment_analysis "
+            "WHERE post_id LIKE %s",
+            (f"{stream}%",),
+        ).fetchone()
+    _drop_stream(redis_url, stream)
+    return {
+        "workers": k,
+        "threads_each": threads,
+        "posts_per_s": round(row[0] / max(float(row[1]), 1e-9), 1),
+        "n": int(row[0]),
+        "peak_rss_mb": round(peak, 1),
+    }

@@ -1,0 +1,39 @@
+"""Benchmarks: the model alone, end to end, the pipeline's ceiling beside the raw floor, sweeps, plots.
+
+  python scripts/bench.py --quick     # under two minutes; last line: the headline JSON
+  python scripts/bench.py             # everything, writes docs/benchmarks.md and docs/benchmarks/*.png
+
+Uses DATABASE_URL / REDIS_URL (defaults: the local servers); it writes into its own streams."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sentiment.bench_report import plots, run_all, write_markdown
+from sentiment.config import Settings
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="small runs, no sweeps, no files written")
+    parser.add_argument("--repeat", type=int, default=3, help="repetitions (medians are reported)")
+    a = parser.parse_args()
+    settings = Settings.from_env()
+    results = run_all(
+        settings.redis_url, settings.database_url, quick=a.quick, repeat=1 if a.quick else a.repeat
+    )
+    if not a.quick:
+        images = plots(results, DOCS / "benchmarks")
+        write_markdown(results, DOCS / "benchmarks.md", "python " + " ".join(sys.argv), images)
+    print(json.dumps(results["headline"]))
+
+
+if __name__ == "__main__":
+    main()

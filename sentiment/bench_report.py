@@ -1,0 +1,173 @@
+"""scripts/bench.py: run the measurements, draw the plots, write docs/benchmarks.md, print the headline."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+from pathlib import Path
+from typing import Any
+
+from . import bench
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
+
+
+def run_all(redis_url: str, database_url: str, *, quick: bool, repeat: int) -> dict[str, Any]:
+    n_model = 600 if quick else 3000
+    n_e2e = 1500 if quick else 10_000
+    n_pipe = 20_000 if quick else 100_000
+    r: dict[str, Any] = {"machine": machine(), "quick": quick}
+    r["model_int8"] = bench.in_child(bench.bench_model, n_model, 64, repeat, 0)
+    r["model_fp32"] = (
+        bench.in_child(bench.bench_model, n_model // 2, 64, repeat, 0, False) if not quick else None
+    )
+    r["seed_batched"] = bench.in_child(bench.bench_seed_shapes, 64 if quick else 256, 32, False)
+    r["seed_per_post"] = bench.in_child(bench.bench_seed_shapes, 24 if quick else 100, 1, True)
+    e2e_runs = [
+        bench.in_child(bench.bench_pipeline, n_e2e, 64, redis_url, database_url, "embedded")
+        for _ in range(1 if quick else repeat)
+    ]
+    r["e2e"] = sorted(e2e_runs, key=lambda x: x["posts_per_s"])[len(e2e_runs) // 2]
+    r["latency"] = bench.in_child(
+        bench.bench_pipeline,
+        600 if quick else 3000,
+        64,
+        redis_url,
+        database_url,
+        "embedded",
+        r["model_int8"]["posts_per_s"] * 0.5,
+    )
+    noop = [bench.bench_pipeline(n_pipe, 500, redis_url, database_url, "noop") for _ in range(repeat)]
+    raw = [bench.bench_raw(n_pipe, 500, redis_url, database_url) for _ in range(repeat)]
+    r["noop_posts_per_s"] = statistics.median(x["posts_per_s"] for x in noop)
+    r["raw_posts_per_s"] = statistics.median(x["posts_per_s"] for x in raw)
+    if not quick:
+        r["batch_sweep"] = [
+            {
+                "batch_size": b,
+                **bench.in_child(bench.bench_pipeline, 4000, b, redis_url, database_url, "embedded"),
+            }
+            for b in (8, 16, 32, 64, 128, 256)
+        ]
+        r["worker_sweep"] = [bench.bench_workers(k, 8000, redis_url, database_url) for k in (1, 2, 4)]
+    model = r["model_int8"]["posts_per_s"]
+    seed = r["seed_per_post"]["posts_per_s"]
+    r["headline"] = {
+        "model_posts_per_s": model,
+        "e2e_posts_per_s": r["e2e"]["posts_per_s"],
+        "efficiency": round(r["e2e"]["posts_per_s"] / model, 3),
+        "noop_posts_per_s": r["noop_posts_per_s"],
+        "p99_ms": r["latency"]["p99_ms"],
+        "rss_mb": r["e2e"]["rss_mb"],
+        "raw_posts_per_s": r["raw_posts_per_s"],
+        "noop_vs_raw": round(r["noop_posts_per_s"] / r["raw_posts_per_s"], 3),
+        "seed_stack_posts_per_s": seed,
+        "speedup_vs_seed_stack": round(r["e2e"]["posts_per_s"] / seed, 1),
+    }
+    return r
+
+
+def plots(r: dict[str, Any], folder: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    made = []
+    lat = r["latency"]["latencies_ms"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(lat, [i / max(1, len(lat) - 1) for i in range(len(lat))])
+    ax.set(
+        xlabel="XADD → commit (ms)", ylabel="fraction of posts", title="Latency CDF at half of model capacity"
+    )
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(folder / "latency_cdf.png", dpi=100)
+    made.append("latency_cdf.png")
+    if r.get("batch_sweep"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        sweep = r["batch_sweep"]
+        ax.plot([s["batch_size"] for s in sweep], [s["posts_per_s"] for s in sweep], marker="o")
+        ax.set(
+            xscale="log", xlabel="BATCH_SIZE", ylabel="posts/s end to end", title="Throughput vs batch size"
+        )
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(folder / "batch_size.png", dpi=100)
+        made.append("batch_size.png")
+    if r.get("worker_sweep"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        sweep = r["worker_sweep"]
+        ax.bar([str(s["workers"]) for s in sweep], [s["posts_per_s"] for s in sweep])
+        ax.set(
+            xlabel="workers (torch threads split between them)",
+            ylabel="posts/s",
+            title="Workers vs throughput",
+        )
+        fig.tight_layout()
+        fig.savefig(folder / "workers.png", dpi=100)
+        made.append("workers.png")
+    plt.close("all")
+    return made
+
+
+def write_markdown(r: dict[str, Any], path: Path, command: str, images: list[str]) -> None:
+    h = r["headline"]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Machine: {r['machine']}. Command: `{command}`. Medians of repeated runs; ratios come from the same run.",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| default model alone, int8 (posts/s) | {h['model_posts_per_s']} |",
+    ]
+    if r.get("model_fp32"):
+        lines.append(f"| default model alone, fp32 (posts/s) | {r['model_fp32']['posts_per_s']} |")
+    lines += [
+        f"| seed's model shapes (roberta-base + distilroberta), one post at a time (posts/s) | {h['seed_stack_posts_per_s']} |",
+        f"| seed's model shapes, batched by 32 (posts/s) | {r['seed_batched']['posts_per_s']} |",
+        f"| end to end, one worker, Redis → model → PostgreSQL (posts/s) | {h['e2e_posts_per_s']} |",
+        f"| end to end / model alone | {h['efficiency']} |",
+        f"| speed-up over the seed's stack | {h['speedup_vs_seed_stack']}× |",
+        f"| latency XADD → commit at half capacity, p50 / p95 / p99 (ms) | {r['latency']['p50_ms']} / {r['latency']['p95_ms']} / {h['p99_ms']} |",
+        f"| pipeline with a no-op analyzer (posts/s) | {h['noop_posts_per_s']} |",
+        f"| raw floor: plain redis-py + COPY loop (posts/s) | {h['raw_posts_per_s']} |",
+        f"| no-op / raw | {h['noop_vs_raw']} |",
+        f"| peak RSS of a worker process (MB) | {h['rss_mb']} |",
+        "",
+    ]
+    if r.get("worker_sweep"):
+        lines += [
+            "| workers | torch threads each | posts/s | peak RSS per worker (MB) |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {s['workers']} | {s['threads_each']} | {s['posts_per_s']} | {s['peak_rss_mb']} |"
+            for s in r["worker_sweep"]
+        ]
+        lines.append("")
+    lines += [f"![{name}](benchmarks/{name})" for name in images]
+    lines += [
+        "",
+        "Raw results:",
+        "",
+        "```json",
+        json.dumps({k: v for k, v in r.items() if k != "latency"}, indent=1),
+        "```",
+        "",
+    ]
+    path.write_text("\n".join(lines))
