@@ -61,17 +61,19 @@ def bench_seed_shapes(n: int, batch_size: int, per_post: bool = False) -> dict[s
     """Random-weight classifiers of the seed's shapes (roberta-base sentiment + distilroberta emotion):
     the seed's compute without a download. `per_post`: one post at a time, as the seed ran them."""
     import torch
-    from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
+    import transformers
 
     from .analysis.encoder import encoder_path
 
     torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(str(encoder_path()), local_files_only=True)  # same token counts
-    base = RobertaConfig(vocab_size=tok.vocab_size, num_labels=3, max_position_embeddings=514)
-    distil = RobertaConfig(
+    # transformers' config classes take their fields as **kwargs, which its type hints do not allow for.
+    hub: Any = transformers
+    tok = hub.AutoTokenizer.from_pretrained(str(encoder_path()), local_files_only=True)  # same token counts
+    base = hub.RobertaConfig(vocab_size=tok.vocab_size, num_labels=3, max_position_embeddings=514)
+    distil = hub.RobertaConfig(
         vocab_size=tok.vocab_size, num_labels=7, num_hidden_layers=6, max_position_embeddings=514
     )
-    models = [RobertaForSequenceClassification(c).eval() for c in (base, distil)]
+    models = [hub.RobertaForSequenceClassification(c).eval() for c in (base, distil)]
     texts = [p["content"] for p in synthetic_posts(n, seed=7)]
     step = 1 if per_post else batch_size
     started = time.perf_counter()
