@@ -169,7 +169,10 @@ class Worker:
         with recv, send:
             async for batch in recv:
                 analysed = await self.processor.analyse(batch.entries)
-                await send.send((batch, analysed))
+                try:
+                    await send.send((batch, analysed))
+                except trio.BrokenResourceError:
+                    return  # the writer stopped at the end of the grace period: this batch stays pending
 
     async def _write(
         self, recv: trio.MemoryReceiveChannel[tuple[Batch, Analysed]], background: trio.CancelScope
