@@ -77,7 +77,11 @@ class Processor:
                 dead.append(DeadLetter(entry, f"analysis failed {entry.deliveries} times: {result}"))
             else:
                 log.warning(
-                    "analysis failed for entry %s (delivery %d): %s", entry.id, entry.deliveries, result
+                    "analysis failed for entry %s (delivery %d): %s",
+                    entry.id,
+                    entry.deliveries,
+                    result,
+                    extra={"entry_id": entry.id, "post_id": post.post_id},
                 )
                 retry.append(entry)
         return Analysed(tuple(records), tuple(dead), tuple(retry), inference_s, tuple(entries))
@@ -116,7 +120,12 @@ class Processor:
         await retrying(self.redis, self.stream.ack, ids)
         await retrying(self.redis, self.stream.dead_letter, dead, self.settings.consumer)
         for letter in dead:
-            log.warning("dead-lettered entry %s: %s", letter.entry.id, letter.reason)
+            log.warning(
+                "dead-lettered entry %s: %s",
+                letter.entry.id,
+                letter.reason,
+                extra={"entry_id": letter.entry.id},
+            )
         return Outcome(len(records), duplicates, len(dead), len(analysed.retry))
 
     async def _write_one_by_one(
