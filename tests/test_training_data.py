@@ -1,0 +1,45 @@
+"""Training data readers on tiny data sets made here: splits, label folding, exclusion of selection texts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sentiment.training import data
+
+
+def make_data(root: Path) -> Path:
+    (root / "semeval2017-task4a").mkdir(parents=True)
+    (root / "semeval2017-task4a/twitter-2013train-A.txt").write_text(
+        "1\tpositive\tI love it @bob\n2\tnegative\tawful http://x.co/y\n3\tneutral\tthe bus is at 5\n"
+        "4\tpositive\tI love it @alice\n5\tnegative\t\"quoted\\u002c text\"\n6\tbogus\tignored\n"
+    )
+    (root / "tweeteval/sentiment").mkdir(parents=True)
+    (root / "tweeteval/sentiment/val_text.txt").write_text("the bus is at 5\n")
+    (root / "tweeteval/sentiment/val_labels.txt").write_text("1\n")
+    (root / "goemotions-ekman").mkdir()
+    (root / "goemotions-ekman/labels.txt").write_text("anger\ndisgust\nfear\njoy\nneutral\nsadness\nsurprise\n")
+    (root / "goemotions-ekman/train.tsv").write_text(
+        "so gross\t1\ta\nyay\t3\tb\nangry and gross\t0,1\tc\nhappy and sad\t3,5\td\n"
+    )
+    return root
+
+
+def test_semeval_drops_duplicates_validation_texts_and_bad_labels(tmp_path: Path) -> None:
+    root = make_data(tmp_path)
+    val = data.tweeteval_sentiment(root, "val")
+    train = data.semeval_train(root, exclude=val.texts)
+    assert train.texts == ("I love it @user", "awful http", "quoted, text")  # @alice's copy is a duplicate
+    assert train.labels == (2, 0, 0)
+    assert "the bus is at 5" not in train.texts  # selected on: never trained on
+
+
+def test_goemotions_folds_disgust_into_anger_and_keeps_single_labels(tmp_path: Path) -> None:
+    ex = data.goemotions(make_data(tmp_path), "train")
+    assert ex.texts == ("so gross", "yay", "angry and gross")  # anger+disgust is one label after folding
+    assert ex.labels == (2, 0, 2)  # EMOTIONS order: joy, sadness, anger, ...
+
+
+def test_scores() -> None:
+    s = data.scores([0, 0, 1, 2], [0, 1, 1, 2], 3)
+    assert s["accuracy"] == 0.75
+    assert abs(s["macro_recall"] - (0.5 + 1 + 1) / 3) < 1e-9
