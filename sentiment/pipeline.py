@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 
 import attrs
 import trio
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 class Batch:
     entries: tuple[Entry, ...]
     read_at_wall: float = attrs.field(factory=time.time)  # when it was read, for throughput figures
+
+
+CommitHook = Callable[[Outcome, Analysed, Batch], None]
 
 
 @attrs.define
@@ -63,7 +67,7 @@ class Worker:
         self.totals = Totals()
         self.inflight: dict[str, None] = {}  # entry IDs read and not yet acked, dead-lettered or released
         self.last_progress = time.monotonic()  # last commit; wall clock, read by the /healthz thread
-        self.on_commit: list[object] = []  # hooks (metrics) called as hook(outcome, analysed, batch)
+        self.on_commit: list[CommitHook] = []  # e.g. the metrics; called after each committed batch
         # Reader and reclaimer each run in one of these; cancelling both stops taking work.
         self._intake = (trio.CancelScope(), trio.CancelScope())
         self._commits: set[trio.CancelScope] = set()
@@ -194,7 +198,7 @@ class Worker:
                 self.totals.add(outcome)
                 self.last_progress = time.monotonic()
                 for hook in self.on_commit:
-                    hook(outcome, analysed, batch)  # type: ignore[operator]
+                    hook(outcome, analysed, batch)
         background.cancel()  # every producer is done: the helpers have nothing left to look after
 
     async def _background(self, scope: trio.CancelScope) -> None:
