@@ -112,7 +112,7 @@ def bench_pipeline(
     )
     posts = list(synthetic_posts(n, seed=3, prefix=stream))
     if not rate:
-        publish(settings, iter(posts), total=n, progress=False)
+        publish(settings, iter(posts), total=n, progress=False, flat=True)
     marks: dict[str, float] = {}
     latencies: list[float] = []
 
@@ -124,7 +124,7 @@ def bench_pipeline(
 
     def paced() -> None:
         for i in range(0, n, 10):
-            publish(settings, iter(posts[i : i + 10]), progress=False)
+            publish(settings, iter(posts[i : i + 10]), progress=False, flat=True)
             time.sleep(10 / rate)
 
     async def main() -> None:
@@ -185,7 +185,9 @@ def bench_raw(n: int, batch_size: int, redis_url: str, database_url: str) -> dic
 
     stream = f"raw:{uuid.uuid4().hex[:8]}"
     settings = Settings(database_url=database_url, redis_url=redis_url, stream=stream)
-    publish(settings, synthetic_posts(n, seed=4, prefix=stream), total=n, progress=False)
+    publish(
+        settings, synthetic_posts(n, seed=4, prefix=stream), total=n, progress=False, flat=True
+    )  # same fields as the pipeline reads
     r = redis.Redis.from_url(redis_url)
     r.xgroup_create(stream, "raw", id="0")
     scores = '{"sentiment": {}, "emotion": {}}'

@@ -52,7 +52,9 @@ def verify_sha256(path: Path, expected: str = ENCODER_SHA256) -> None:
 def load_encoder(folder: Path | None = None) -> nn.Module:
     """The bare BERT encoder, from local files only and after checking its weights."""
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # no "Loading weights" bars in a worker's log
     folder = folder or encoder_path()
     verify_sha256(folder / "model.safetensors")
     try:
