@@ -54,7 +54,7 @@ def load_encoder(folder: Path | None = None) -> nn.Module:
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # no "Loading weights" bars in a worker's log
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # no "Loading weights" bars in logs
     folder = folder or encoder_path()
     verify_sha256(folder / "model.safetensors")
     try:
