@@ -274,3 +274,94 @@ def bench_workers(k: int, n: int, redis_url: str, database_url: str, batch_size:
         "n": int(row[0]),
         "peak_rss_mb": round(peak, 1),
     }
+
+
+def bench_store_routes(
+    database_url: str, batches: int = 20, size: int = 500, rounds: int = 3
+) -> dict[str, Any]:
+    """The store's design choice, measured: the same COPY + INSERT … ON CONFLICT batches through (a) a sync
+    psycopg connection in a worker thread and (b) psycopg's AsyncConnection through trio-asyncio."""
+    # isort: off
+    # trio_asyncio before psycopg: psycopg's async code binds asyncio.get_running_loop at import, and
+    # trio-asyncio must have patched it by then, or AsyncConnection finds "no running event loop".
+    import trio
+    import trio_asyncio
+    import psycopg
+
+    # isort: on
+
+    from .analysis.base import empty_result
+    from .post import Post
+    from .store import _COLUMNS, _INSERT_ANALYSES, _INSERT_POSTS, _TEMP_TABLE, Record, _row
+
+    copy_sql = f"COPY incoming ({', '.join(_COLUMNS)}) FROM STDIN"
+    result = empty_result("bench")
+
+    def make(tag: str) -> list[list[tuple[Any, ...]]]:
+        out = []
+        for b in range(batches):
+            posts = synthetic_posts(size, seed=b, prefix=f"{tag}-{uuid.uuid4().hex[:8]}")
+            out.append(
+                [
+                    _row(
+                        Record(
+                            Post.from_fields(
+                                f"{1_700_000_000_000 + i}-0",
+                                {k.encode(): v.encode() for k, v in p.items()},
+                                10**6,
+                            ),
+                            result,
+                        )
+                    )
+                    for i, p in enumerate(posts)
+                ]
+            )
+        return out
+
+    def write_sync(conn: Any, rows: list[tuple[Any, ...]]) -> None:
+        with conn.transaction(), conn.cursor() as cur:
+            with cur.copy(copy_sql) as copy:
+                for r in rows:
+                    copy.write_row(r)
+            cur.execute(_INSERT_POSTS)
+            cur.execute(_INSERT_ANALYSES)
+
+    async def write_async(conn: Any, rows: list[tuple[Any, ...]]) -> None:
+        async with conn.transaction(), conn.cursor() as cur:
+            async with cur.copy(copy_sql) as copy:
+                for r in rows:
+                    await copy.write_row(r)
+            await cur.execute(_INSERT_POSTS)
+            await cur.execute(_INSERT_ANALYSES)
+
+    async def connect_async() -> Any:
+        conn = await psycopg.AsyncConnection.connect(database_url, autocommit=True)
+        await conn.execute(_TEMP_TABLE)
+        return conn
+
+    async def main() -> dict[str, list[float]]:
+        rates: dict[str, list[float]] = {"thread": [], "asyncio": []}
+        limiter = trio.CapacityLimiter(1)
+        async with trio_asyncio.open_loop():
+            aconn = await trio_asyncio.aio_as_trio(connect_async)()
+            sconn = psycopg.connect(database_url, autocommit=True)
+            sconn.execute(_TEMP_TABLE)
+            for _ in range(rounds):
+                for kind in ("thread", "asyncio"):
+                    data = make(kind)
+                    started = time.perf_counter()
+                    for rows in data:
+                        if kind == "thread":
+                            await trio.to_thread.run_sync(write_sync, sconn, rows, limiter=limiter)
+                        else:
+                            await trio_asyncio.aio_as_trio(write_async)(aconn, rows)
+                    rates[kind].append(batches * size / (time.perf_counter() - started))
+            sconn.close()
+            await trio_asyncio.aio_as_trio(aconn.close)()
+        return rates
+
+    rates = trio.run(main)
+    return {
+        k: {"rows_per_s": round(statistics.median(v)), "runs": [round(x) for x in v]}
+        for k, v in rates.items()
+    }
