@@ -1,9 +1,12 @@
 """The store: posts and analyses in PostgreSQL, written a batch per transaction, idempotently.
 
-psycopg has no trio support. Two ways were open: its async connection through trio-asyncio, or a sync
-connection driven from a worker thread. We use the sync one in a thread: a batch is one thread hop for the
-whole COPY + INSERT + COMMIT (the asyncio route pays a loop crossing per statement and per COPY block), and
-in scripts/bench_pipeline.py the thread route measured faster (see the README).
+psycopg has no trio support, and both ways open were measured (`bench_store_routes`, figures in
+docs/benchmarks.md): a sync connection driven from a worker thread, and psycopg's AsyncConnection through
+trio-asyncio, writing the same batches. They run at the same speed within noise — COPY and the INSERTs
+spend their time in libpq and the server either way. We keep the thread: a batch is one hop whose
+cancellation waits for the thread, so a commit is never cut mid-COPY, and it does not depend on import
+order (psycopg's async code binds asyncio.get_running_loop at import, before trio-asyncio patches it
+unless trio_asyncio is imported first, and then fails with "no running event loop").
 
 Bulk path: COPY into a temporary table, then INSERT … SELECT … ON CONFLICT DO NOTHING into both tables.
 COPY streams the batch in one message; the conflict clause makes a redelivered entry a no-op.
