@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
-
-import trio
 
 from ..config import Settings
 from ..errors import ConfigError, ModelError
-from .base import Analysis, empty_result
+from .base import Analysis
 from .labels import DEFAULT_EMOTION_MAP, DEFAULT_SENTIMENT_MAP, EMOTIONS, SENTIMENTS, map_label
-from .text import normalize_tweet
+from .local import LocalAnalyzer
 
 
 def parse_label_map(text: str) -> dict[str, str]:
@@ -82,7 +80,7 @@ class _Classifier:
         return out
 
 
-class TransformersAnalyzer:
+class TransformersAnalyzer(LocalAnalyzer):
     def __init__(
         self,
         sentiment_model: str,
@@ -90,14 +88,12 @@ class TransformersAnalyzer:
         emotion_map: Mapping[str, str] | None = None,
         chunk: int = 32,
     ) -> None:
+        super().__init__(chunk)
         self.sentiment_model = sentiment_model
         self.emotion_model = emotion_model
         self.emotion_map = {**DEFAULT_EMOTION_MAP, **(emotion_map or {})}
-        self.chunk = chunk
         self.name = f"{sentiment_model}+{emotion_model}"
         self._models: tuple[_Classifier, _Classifier] | None = None
-        self._limiter = trio.CapacityLimiter(1)
-        self._load_lock = trio.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TransformersAnalyzer:
@@ -105,42 +101,16 @@ class TransformersAnalyzer:
             settings.sentiment_model, settings.emotion_model, parse_label_map(settings.emotion_label_map)
         )
 
-    @property
-    def loaded(self) -> bool:
-        return self._models is not None
-
-    async def load(self) -> None:
-        async with self._load_lock:
-            if self._models is None:
-                self._models = await trio.to_thread.run_sync(self._load, limiter=self._limiter)
-
-    def _load(self) -> tuple[_Classifier, _Classifier]:
-        return (
+    def _load_model(self) -> None:
+        self._models = (
             _Classifier(self.sentiment_model, DEFAULT_SENTIMENT_MAP, SENTIMENTS),
             _Classifier(self.emotion_model, self.emotion_map, EMOTIONS),
         )
 
-    async def analyze(self, texts: Sequence[str]) -> list[Analysis]:
-        await self.load()
-        result: list[Analysis] = await trio.to_thread.run_sync(
-            self.predict, list(texts), limiter=self._limiter
-        )
-        return result
-
-    def predict(self, texts: list[str]) -> list[Analysis]:
+    def _predict_chunk(self, texts: list[str]) -> list[Analysis]:
         assert self._models is not None
         sentiment, emotion = self._models
-        cleaned = [normalize_tweet(t) for t in texts]
-        results: list[Analysis] = [empty_result(self.name)] * len(texts)
-        todo = sorted((i for i, t in enumerate(cleaned) if t), key=lambda i: len(cleaned[i]))
-        try:
-            for start in range(0, len(todo), self.chunk):
-                idx = todo[start : start + self.chunk]
-                batch = [cleaned[i] for i in idx]
-                for i, s, e in zip(
-                    idx, sentiment.distributions(batch), emotion.distributions(batch), strict=True
-                ):
-                    results[i] = Analysis(s, e, self.name)
-        except RuntimeError as exc:
-            raise ModelError(f"inference failed: {exc}") from exc
-        return results
+        return [
+            Analysis(s, e, self.name)
+            for s, e in zip(sentiment.distributions(texts), emotion.distributions(texts), strict=True)
+        ]
