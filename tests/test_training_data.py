@@ -11,13 +11,15 @@ def make_data(root: Path) -> Path:
     (root / "semeval2017-task4a").mkdir(parents=True)
     (root / "semeval2017-task4a/twitter-2013train-A.txt").write_text(
         "1\tpositive\tI love it @bob\n2\tnegative\tawful http://x.co/y\n3\tneutral\tthe bus is at 5\n"
-        "4\tpositive\tI love it @alice\n5\tnegative\t\"quoted\\u002c text\"\n6\tbogus\tignored\n"
+        '4\tpositive\tI love it @alice\n5\tnegative\t"quoted\\u002c text"\n6\tbogus\tignored\n'
     )
     (root / "tweeteval/sentiment").mkdir(parents=True)
     (root / "tweeteval/sentiment/val_text.txt").write_text("the bus is at 5\n")
     (root / "tweeteval/sentiment/val_labels.txt").write_text("1\n")
     (root / "goemotions-ekman").mkdir()
-    (root / "goemotions-ekman/labels.txt").write_text("anger\ndisgust\nfear\njoy\nneutral\nsadness\nsurprise\n")
+    (root / "goemotions-ekman/labels.txt").write_text(
+        "anger\ndisgust\nfear\njoy\nneutral\nsadness\nsurprise\n"
+    )
     (root / "goemotions-ekman/train.tsv").write_text(
         "so gross\t1\ta\nyay\t3\tb\nangry and gross\t0,1\tc\nhappy and sad\t3,5\td\n"
     )
