@@ -10,6 +10,7 @@ import sys
 
 import trio
 
+from sentiment.cli import _our_error
 from sentiment.config import Settings
 from sentiment.errors import ConfigError, SentimentError
 from sentiment.logs import setup_logging
@@ -51,8 +52,11 @@ def main() -> int:
     except ConfigError as exc:
         print(f"reclaim: {exc}", file=sys.stderr)
         return 2
-    except SentimentError as exc:
-        print(f"reclaim: {exc}", file=sys.stderr)
+    except (SentimentError, BaseExceptionGroup) as exc:
+        ours = _our_error(exc)
+        if ours is None:
+            raise
+        print(f"reclaim: {ours}", file=sys.stderr)
         return 1
     print(json.dumps(report.as_dict()))
     return 0

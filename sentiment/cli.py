@@ -91,15 +91,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("sentiment: produce needs a FILE or --count N", file=sys.stderr)
                 return 2
             run_produce(settings, path=args.file, count=args.count, seed=args.seed, flat=args.flat)
-    except ConfigError as exc:
-        print(f"sentiment: {exc}", file=sys.stderr)
-        return 2
-    except SentimentError as exc:
-        print(f"sentiment: {exc}", file=sys.stderr)
-        return 1
+    except (SentimentError, BaseExceptionGroup) as exc:
+        ours = _our_error(exc)
+        if ours is None:
+            raise
+        print(f"sentiment: {ours}", file=sys.stderr)
+        return 2 if isinstance(ours, ConfigError) else 1
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _our_error(exc: BaseException) -> SentimentError | None:
+    """Our own error, also when trio delivers it inside an exception group from the worker's nursery."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, SentimentError) else None
 
 
 async def _migrate(settings: Settings) -> int:

@@ -71,6 +71,7 @@ class Worker:
         # Reader and reclaimer each run in one of these; cancelling both stops taking work.
         self._intake = (trio.CancelScope(), trio.CancelScope())
         self._commits: set[trio.CancelScope] = set()
+        self._starting = trio.CancelScope()
         self._hard_stop = trio.CancelScope()
         self._deadline = math.inf  # set by stop(): when batches still in flight get cancelled
 
@@ -80,10 +81,13 @@ class Worker:
         self, *, drain: bool = False, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         p = self.processor
-        await retrying(p.redis, self.stream.ensure_group)
-        await retrying(p.postgres, p.store.migrate)
-        if self.settings.model_eager:
-            await p.analyzer.load()
+        with self._starting:  # stop() during start-up (say, Redis still down) ends it at once
+            await retrying(p.redis, self.stream.ensure_group)
+            await retrying(p.postgres, p.store.migrate)
+            if self.settings.model_eager:
+                await p.analyzer.load()
+        if self._starting.cancelled_caught:
+            return
         self.last_progress = time.monotonic()
         with self._hard_stop:
             async with trio.open_nursery() as nursery:
@@ -103,6 +107,7 @@ class Worker:
         if self._deadline < math.inf:
             return
         log.info("stopping: finishing batches in flight (grace %.0f s)", self.settings.shutdown_grace_s)
+        self._starting.cancel()
         self._stop_intake()
         self._deadline = trio.current_time() + self.settings.shutdown_grace_s
         # Shielded commits ignore the outer deadline: give each its own, so the grace period binds them too.

@@ -15,7 +15,7 @@ import trio
 
 from .analysis.base import Analysis, Analyzer
 from .config import Settings
-from .errors import InvalidPost, StoreError
+from .errors import InvalidPost, ModelError, StoreError
 from .post import Post
 from .retry import Service, retrying
 from .store import Record, Store
@@ -93,6 +93,9 @@ class Processor:
         try:
             return list(await self.analyzer.analyze(texts))
         except Exception as exc:  # any analyzer error: isolate below, never crash the worker
+            if not self.analyzer.loaded:
+                # A model that cannot load is no post's fault: stop, leaving every entry pending.
+                raise ModelError(f"the model could not be loaded: {exc}") from exc
             if len(texts) == 1:
                 return [f"{type(exc).__name__}: {exc}"]
         out: list[Analysis | str] = []

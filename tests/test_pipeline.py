@@ -7,6 +7,7 @@ import trio
 import trio.testing
 
 from sentiment.config import Settings
+from sentiment.errors import ModelError
 from sentiment.pipeline import Worker
 from sentiment.processing import Processor
 
@@ -236,3 +237,33 @@ async def test_duplicate_redelivery_counts_as_duplicate_not_new_row(autojump_clo
     await worker.run(drain=True)
     assert len(store.analyses) == 1
     assert worker.totals.written == 2 and worker.totals.duplicates == 1
+
+
+class UnloadableAnalyzer(FakeAnalyzer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.loaded = False
+
+    async def analyze(self, texts: list[str]) -> list:  # type: ignore[override]
+        raise ModelError("default_model.safetensors is missing")
+
+
+async def test_model_that_cannot_load_stops_the_worker_and_blames_no_post(autojump_clock: Clock) -> None:
+    group, store = FakeGroup(), FakeStore()
+    ids = publish(group, 5)
+    with pytest.raises(BaseExceptionGroup) as raised:
+        await make_worker(group, store, UnloadableAnalyzer()).run(drain=True)
+    assert raised.group_contains(ModelError, match="could not be loaded")
+    assert group.dead == [] and group.acked == []
+    assert sorted(group.pel) == sorted(ids)  # all still pending, for a worker with a model
+
+
+async def test_stop_during_startup_while_redis_is_down_returns(autojump_clock: Clock) -> None:
+    group = FakeGroup()
+    worker = make_worker(group)
+    worker.stream.fail_next["*"] = 10**6  # type: ignore[attr-defined]
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(worker.run)
+            await trio.sleep(5)
+            worker.stop()
