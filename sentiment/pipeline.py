@@ -20,6 +20,7 @@ from collections.abc import Callable
 import attrs
 import trio
 
+from .errors import TransientError
 from .processing import Analysed, Outcome, Processor
 from .retry import retrying
 from .stream import Entry, id_key
@@ -235,21 +236,26 @@ class Worker:
             await trio.sleep(min(60.0, max(1.0, self.settings.stream_retention_s / 4)))
 
     async def _summaries(self, every: float = 30.0) -> None:
+        """Every 30 s one line: rate, group lag, outcomes and errors (not a line per post)."""
         last, last_t = attrs.evolve(self.totals), trio.current_time()
         while True:
             await trio.sleep(every)
             t, now = self.totals, trio.current_time()
-            rate = (t.written - last.written) / max(now - last_t, 1e-9)
+            try:
+                lag = (await self.stream.group_info())["lag"]
+            except TransientError:
+                lag = -1  # Redis is down: the outage has its own log line
             log.info(
-                "%.1f posts/s; written %d, duplicates %d, dead-lettered %d, retried %d, reclaimed %d, "
-                "in flight %d",
-                rate,
+                "%.1f posts/s, lag %d, in flight %d; written %d, duplicates %d, dead-lettered %d, "
+                "analysis errors %d, reclaimed %d",
+                (t.written - last.written) / max(now - last_t, 1e-9),
+                lag,
+                len(self.inflight),
                 t.written,
                 t.duplicates,
                 t.dead_lettered,
                 t.retried,
                 t.reclaimed,
-                len(self.inflight),
             )
             last, last_t = attrs.evolve(t), now
 

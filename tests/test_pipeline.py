@@ -267,3 +267,18 @@ async def test_stop_during_startup_while_redis_is_down_returns(autojump_clock: C
             nursery.start_soon(worker.run)
             await trio.sleep(5)
             worker.stop()
+
+
+async def test_summary_line_every_30s_has_rate_lag_and_errors(
+    autojump_clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    group, store = FakeGroup(), FakeStore()
+    publish(group, 20)
+    caplog.set_level("INFO", logger="sentiment.pipeline")
+    worker = make_worker(group, store)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(worker.run)
+        await trio.sleep(31)
+        worker.stop()
+    [line] = [r.getMessage() for r in caplog.records if "posts/s" in r.getMessage()]
+    assert "lag 0" in line and "written 20" in line and "analysis errors 0" in line
