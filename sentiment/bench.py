@@ -31,7 +31,7 @@ def _measured(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
 
 
 def bench_model(
-    n: int, batch_size: int, repeat: int, threads: int = 0, *, quantize: bool = True
+    n: int, batch_size: int, repeat: int, threads: int = 0, quantize: bool = True
 ) -> dict[str, Any]:
     import torch
 
@@ -292,7 +292,7 @@ def bench_store_routes(
 
     from .analysis.base import empty_result
     from .post import Post
-    from .store import _COLUMNS, _INSERT_ANALYSES, _INSERT_POSTS, _TEMP_TABLE, Record, _row
+    from .store import _COLUMNS, _INSERT_ANALYSES, _INSERT_POSTS, _TEMP_TABLE, Record
 
     copy_sql = f"COPY incoming ({', '.join(_COLUMNS)}) FROM STDIN"
     result = empty_result("bench")
@@ -303,16 +303,14 @@ def bench_store_routes(
             posts = synthetic_posts(size, seed=b, prefix=f"{tag}-{uuid.uuid4().hex[:8]}")
             out.append(
                 [
-                    _row(
-                        Record(
-                            Post.from_fields(
-                                f"{1_700_000_000_000 + i}-0",
-                                {k.encode(): v.encode() for k, v in p.items()},
-                                10**6,
-                            ),
-                            result,
-                        )
-                    )
+                    Record(
+                        Post.from_fields(
+                            f"{1_700_000_000_000 + i}-0",
+                            {k.encode(): v.encode() for k, v in p.items()},
+                            10**6,
+                        ),
+                        result,
+                    ).row
                     for i, p in enumerate(posts)
                 ]
             )
