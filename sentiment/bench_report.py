@@ -62,7 +62,9 @@ def run_all(redis_url: str, database_url: str, *, quick: bool, repeat: int) -> d
             for b in (8, 16, 32, 64, 128, 256)
         ]
         # Each in a child of its own: RUSAGE_CHILDREN then sees only that sweep point's workers.
-        r["worker_sweep"] = [bench.in_child(bench.bench_workers, k, 8000, redis_url, database_url) for k in (1, 2, 4)]
+        r["worker_sweep"] = [
+            bench.in_child(bench.bench_workers, k, 8000, redis_url, database_url) for k in (1, 2, 4)
+        ]
         r["store_routes"] = bench.in_child(bench.bench_store_routes, database_url)
     model = r["model_int8"]["posts_per_s"]
     seed = r["seed_per_post"]["posts_per_s"]
