@@ -14,7 +14,7 @@ from sentiment.monitor import serve_monitor
 from sentiment.pipeline import Worker
 from sentiment.service import open_processor
 
-from .conftest import ROOT, rows, run_cli, worker_env
+from .conftest import rows, run_cli, worker_env
 from .fakes import FakeAnalyzer
 
 pytestmark = pytest.mark.integration
@@ -114,4 +114,3 @@ def test_produce_round_trips_a_file_and_stats_reports_it(settings: Settings, tmp
     )
     text = run_cli(["-m", "sentiment", "stats"], env)
     assert "sentiment_analysis 16" in text.stdout
-    assert str(ROOT)
