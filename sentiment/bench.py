@@ -95,6 +95,7 @@ def bench_pipeline(
 
     from .config import Settings
     from .pipeline import Batch, Worker
+    from .post import entry_time
     from .processing import Analysed, Outcome
     from .produce import publish
     from .service import open_processor
@@ -120,7 +121,7 @@ def bench_pipeline(
         now = time.time()
         marks.setdefault("first_read", batch.read_at_wall)
         marks["last_commit"] = now
-        latencies.extend(now - int(r.post.entry_id.split("-")[0]) / 1000 for r in analysed.records)
+        latencies.extend(now - entry_time(r.post.entry_id).timestamp() for r in analysed.records)
 
     def paced() -> None:
         for i in range(0, n, 10):

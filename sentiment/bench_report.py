@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,40 +91,46 @@ def plots(r: dict[str, Any], folder: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    made = []
-    lat = r["latency"]["latencies_ms"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(lat, [i / max(1, len(lat) - 1) for i in range(len(lat))])
-    ax.set(
-        xlabel="XADD → commit (ms)", ylabel="fraction of posts", title="Latency CDF at half of model capacity"
-    )
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(folder / "latency_cdf.png", dpi=100)
-    made.append("latency_cdf.png")
-    if r.get("batch_sweep"):
+    made: list[str] = []
+
+    def figure(name: str, draw: Callable[[Any], None], grid: bool = True, **labels: str) -> None:
         fig, ax = plt.subplots(figsize=(6, 4))
-        sweep = r["batch_sweep"]
-        ax.plot([s["batch_size"] for s in sweep], [s["posts_per_s"] for s in sweep], marker="o")
-        ax.set(
-            xscale="log", xlabel="BATCH_SIZE", ylabel="posts/s end to end", title="Throughput vs batch size"
-        )
-        ax.grid(alpha=0.3)
+        draw(ax)
+        ax.set(**labels)
+        if grid:
+            ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(folder / "batch_size.png", dpi=100)
-        made.append("batch_size.png")
-    if r.get("worker_sweep"):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        sweep = r["worker_sweep"]
-        ax.bar([str(s["workers"]) for s in sweep], [s["posts_per_s"] for s in sweep])
-        ax.set(
+        fig.savefig(folder / name, dpi=100)
+        made.append(name)
+
+    lat = r["latency"]["latencies_ms"]
+    figure(
+        "latency_cdf.png",
+        lambda ax: ax.plot(lat, [i / max(1, len(lat) - 1) for i in range(len(lat))]),
+        xlabel="XADD → commit (ms)",
+        ylabel="fraction of posts",
+        title="Latency CDF at half of model capacity",
+    )
+    if batches := r.get("batch_sweep"):
+        figure(
+            "batch_size.png",
+            lambda ax: ax.plot(
+                [s["batch_size"] for s in batches], [s["posts_per_s"] for s in batches], marker="o"
+            ),
+            xscale="log",
+            xlabel="BATCH_SIZE",
+            ylabel="posts/s end to end",
+            title="Throughput vs batch size",
+        )
+    if workers := r.get("worker_sweep"):
+        figure(
+            "workers.png",
+            lambda ax: ax.bar([str(s["workers"]) for s in workers], [s["posts_per_s"] for s in workers]),
+            grid=False,
             xlabel="workers (torch threads split between them)",
             ylabel="posts/s",
             title="Workers vs throughput",
         )
-        fig.tight_layout()
-        fig.savefig(folder / "workers.png", dpi=100)
-        made.append("workers.png")
     plt.close("all")
     return made
 

@@ -110,6 +110,14 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subpr
     )
 
 
+def rows_so_far(dsn: str) -> int:
+    """Analysis rows, or 0 while the worker has not yet created the database or the table."""
+    try:
+        return rows(dsn)
+    except (psycopg.OperationalError, psycopg.errors.UndefinedTable):
+        return 0
+
+
 def rows(dsn: str, query: str = "SELECT count(*) FROM sentiment_analysis") -> int:
     with psycopg.connect(dsn) as conn:
         row = conn.execute(query).fetchone()

@@ -23,7 +23,7 @@ from sentiment.reclaim import reclaim
 from sentiment.service import open_processor
 from sentiment.throwaway import ThrowawayPostgres, ThrowawayRedis, make_workdir
 
-from .conftest import ROOT, rows, worker_env
+from .conftest import ROOT, rows, rows_so_far, worker_env
 from .fakes import FakeAnalyzer
 
 pytestmark = pytest.mark.integration
@@ -89,11 +89,8 @@ def test_redis_and_postgres_outages_of_10s_lose_nothing(
 def _wait_rows(dsn: str, n: int, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            if rows(dsn) >= n:
-                return
-        except psycopg.Error:
-            pass  # database or table not there yet
+        if rows_so_far(dsn) >= n:
+            return
         time.sleep(0.1)
     raise AssertionError(f"fewer than {n} rows after {timeout:g} s")
 
@@ -154,12 +151,7 @@ async def test_failed_ack_after_commit_is_redelivered_and_absorbed(
 
 async def wait_rows(dsn: str, n: int) -> None:
     with trio.fail_after(60):
-        while True:
-            try:
-                if rows(dsn) >= n:
-                    return
-            except psycopg.errors.UndefinedTable:
-                pass  # the worker has not migrated yet
+        while rows_so_far(dsn) < n:  # noqa: ASYNC110 - polling PostgreSQL, not a trio task
             await trio.sleep(0.05)
 
 

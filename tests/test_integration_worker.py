@@ -21,8 +21,9 @@ from sentiment.pipeline import Worker
 from sentiment.reclaim import reclaim
 from sentiment.service import open_processor
 from sentiment.store import PostgresStore, Record, WriteResult
+from sentiment.stream import id_key
 
-from .conftest import ROOT, rows, run_cli, worker_env
+from .conftest import ROOT, rows, rows_so_far, run_cli, worker_env
 from .fakes import FakeAnalyzer
 
 pytestmark = pytest.mark.integration
@@ -226,7 +227,7 @@ def test_sigterm_mid_run_acks_nothing_unwritten(settings: Settings, rds: redis.R
         text=True,
     )
     deadline = time.monotonic() + 60
-    while not (_has_table(settings.database_url) and rows(settings.database_url) > 0):
+    while rows_so_far(settings.database_url) == 0:
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
@@ -241,21 +242,10 @@ def test_sigterm_mid_run_acks_nothing_unwritten(settings: Settings, rds: redis.R
         for p in rds.xpending_range(settings.stream, settings.group, "-", "+", 30_000)
     }
     last = rds.xinfo_groups(settings.stream)[0]["last-delivered-id"].decode()
-    delivered = [i for i in ids if tuple(map(int, i.split("-"))) <= tuple(map(int, last.split("-")))]
+    delivered = [i for i in ids if id_key(i) <= id_key(last)]
     acked = set(delivered) - still_pending
     assert acked <= stored  # nothing acked that is not in the database
     assert "stopping" in err
-
-
-def _has_table(dsn: str) -> bool:
-    return (
-        rows(
-            dsn,
-            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'sentiment_analysis' "
-            "AND table_schema = current_schema()",
-        )
-        == 1
-    )
 
 
 def test_bad_setting_exits_2_with_one_line(settings: Settings) -> None:
