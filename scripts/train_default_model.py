@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from sentiment.analysis.encoder import ARTEFACT
-from sentiment.training.train import TrainConfig, calibrate_int8, train
+from sentiment.training.train import TrainConfig, train
 
 
 def main() -> None:
@@ -46,8 +46,7 @@ def main() -> None:
             limit=a.limit,
         )
     )
-    int8 = calibrate_int8(a.output, a.data_dir)  # the int8 encoder is the default at run time
-    print(json.dumps({**{k: meta[k] for k in ("best_epoch", "history", "train_seconds")}, **int8}))
+    print(json.dumps({k: meta[k] for k in ("best_epoch", "history", "train_seconds")}))
 
 
 if __name__ == "__main__":

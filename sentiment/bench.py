@@ -33,8 +33,6 @@ def _measured(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
 def bench_model(
     n: int, batch_size: int, repeat: int, threads: int = 0, quantize: bool = True
 ) -> dict[str, Any]:
-    import torch
-
     from .analysis.embedded import EmbeddedAnalyzer
 
     analyzer = EmbeddedAnalyzer(quantize=quantize, threads=threads)
@@ -53,7 +51,7 @@ def bench_model(
         "n": n,
         "batch_size": batch_size,
         "quantized": quantize,
-        "threads": torch.get_num_threads(),
+        "threads": analyzer.streams,
     }
 
 
@@ -229,7 +227,7 @@ def bench_raw(n: int, batch_size: int, redis_url: str, database_url: str) -> dic
 
 
 def bench_workers(k: int, n: int, redis_url: str, database_url: str, batch_size: int = 64) -> dict[str, Any]:
-    """k worker processes on one stream of n posts, torch threads split so cores are not oversubscribed."""
+    """k worker processes on one stream of n posts, inference threads split so cores are not oversubscribed."""
     import os
 
     import psycopg

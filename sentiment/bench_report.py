@@ -127,7 +127,7 @@ def plots(r: dict[str, Any], folder: Path) -> list[str]:
             "workers.png",
             lambda ax: ax.bar([str(s["workers"]) for s in workers], [s["posts_per_s"] for s in workers]),
             grid=False,
-            xlabel="workers (torch threads split between them)",
+            xlabel="workers (inference threads split between them)",
             ylabel="posts/s",
             title="Workers vs throughput",
         )
@@ -163,7 +163,7 @@ def write_markdown(r: dict[str, Any], path: Path, command: str, images: list[str
     ]
     if r.get("worker_sweep"):
         lines += [
-            "| workers | torch threads each | posts/s | peak RSS per worker (MB) |",
+            "| workers | inference threads each | posts/s | peak RSS per worker (MB) |",
             "|---|---|---|---|",
         ]
         lines += [

@@ -53,7 +53,7 @@ class Settings:
     model_type: str = "embedded"
     model_eager: bool = False
     quantize: bool = True
-    inference_threads: int = 0  # 0: torch's default (one per core)
+    inference_threads: int = 0  # embedded model: single-core inference threads (0: one per usable core)
     sentiment_model: str = "cardiffnlp/twitter-roberta-base-sentiment-latest"
     emotion_model: str = "j-hartmann/emotion-english-distilroberta-base"
     emotion_label_map: str = ""  # "label=emotion,label=emotion" overrides for MODEL_TYPE=transformers

@@ -9,6 +9,7 @@ import pytest
 from sentiment.analysis.base import Analysis
 from sentiment.analysis.hub import TransformersAnalyzer, parse_label_map
 from sentiment.analysis.labels import DEFAULT_EMOTION_MAP, EMOTIONS, SENTIMENTS, map_label
+from sentiment.analysis.local import LocalAnalyzer
 from sentiment.analysis.text import MAX_MODEL_CHARS, normalize_tweet
 from sentiment.errors import ConfigError, ModelError
 
@@ -110,6 +111,51 @@ def test_encoder_checksum_mismatch_is_a_clear_error(tmp_path: Path) -> None:
         verify_sha256(fake)
 
 
+class _LengthAnalyzer(LocalAnalyzer):
+    """Scores a text by its length, notes which thread ran each chunk, and fails on the word "boom"."""
+
+    name = "length"
+
+    def __init__(self, streams: int) -> None:
+        super().__init__(chunk=2, streams=streams)
+        self.threads: set[str] = set()
+
+    def _load_model(self) -> None:
+        pass
+
+    def _predict_chunk(self, texts: list[str]) -> list[Analysis]:
+        import threading
+        import time
+
+        self.threads.add(threading.current_thread().name)
+        time.sleep(0.05)  # long enough that a free stream takes the next chunk
+        if "boom" in texts:
+            raise RuntimeError("shape mismatch")
+        out = []
+        for text in texts:
+            p = min(len(text), 50) / 50
+            out.append(Analysis({"positive": p, "negative": 0.0, "neutral": 1 - p}, _uniform(), "length"))
+        return out
+
+
+def _uniform() -> dict[str, float]:
+    return dict.fromkeys(EMOTIONS, 1 / len(EMOTIONS))
+
+
+def test_streams_spread_chunks_over_threads_and_keep_input_order() -> None:
+    texts = ["x" * n for n in (9, 3, 40, 1, 27, 12, 5, 33, 8, 50)] + ["", "   "]
+    serial, parallel = _LengthAnalyzer(streams=1), _LengthAnalyzer(streams=3)
+    for analyzer in (serial, parallel):
+        analyzer.load_blocking()
+    expected = serial.predict(texts)
+    assert parallel.predict(texts) == expected
+    assert [r.sentiment_scores["positive"] for r in expected[:3]] == [9 / 50, 3 / 50, 40 / 50]
+    assert expected[-1].model == "length" and expected[-1].sentiment == "neutral"  # empty: no inference
+    assert len(serial.threads) == 1 and len(parallel.threads) == 3
+    with pytest.raises(ModelError, match="inference failed: shape mismatch"):
+        parallel.predict(["a", "b", "boom", "c", "d"])
+
+
 @pytest.mark.model
 async def test_shipped_default_model_gets_obvious_cases_right() -> None:
     from sentiment.analysis.embedded import EmbeddedAnalyzer
@@ -148,3 +194,48 @@ async def test_default_model_handles_odd_input_and_keeps_order() -> None:
         [alone] = await fp32.analyze([text])
         assert alone.sentiment_scores == pytest.approx(batch[i].sentiment_scores, abs=1e-4)
         assert alone.emotion_scores == pytest.approx(batch[i].emotion_scores, abs=1e-4)
+
+
+def test_trace_is_used_only_where_it_matches_eager(caplog: pytest.LogCaptureFixture) -> None:
+    import torch
+
+    from sentiment.analysis.embedded import traced
+
+    class Pool(torch.nn.Module):
+        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            x = ids.float() * mask
+            return x.sum(1), x.mean(1)
+
+    class Branchy(Pool):
+        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            s, m = super().forward(ids, mask)
+            return (s * 2, m) if ids.shape[1] > 3 else (s, m)  # a trace freezes whichever branch it saw
+
+    def enc(rows: int, cols: int) -> dict[str, torch.Tensor]:
+        return {
+            "input_ids": torch.arange(rows * cols).reshape(rows, cols),
+            "attention_mask": torch.ones(rows, cols),
+        }
+
+    shapes = [enc(2, 5), enc(1, 2), enc(3, 9)]
+    assert isinstance(traced(Pool(), shapes), torch.jit.ScriptModule)
+    branchy = Branchy()
+    assert traced(branchy, shapes) is branchy
+    assert "disagrees with eager on shape (1, 2)" in caplog.text
+
+
+@pytest.mark.model
+def test_default_model_streams_give_the_same_answers_as_one() -> None:
+    import torch
+
+    from sentiment.analysis.embedded import EmbeddedAnalyzer
+
+    texts = [
+        f"post {i}: " + "so happy today " * (i % 7) + "but the bus was late" * (i % 3) for i in range(40)
+    ]
+    one, two = EmbeddedAnalyzer(threads=1, chunk=4), EmbeddedAnalyzer(threads=2, chunk=4)
+    for analyzer in (one, two):
+        analyzer.load_blocking()
+    # Same chunks whichever thread runs them, so int8 gives bit-identical results.
+    assert two.streams == 2 and two.predict(texts) == one.predict(texts)
+    assert isinstance(one._model, torch.jit.ScriptModule)  # the trace agreed with eager at load

@@ -95,10 +95,8 @@ def lora_targets(encoder: nn.Module) -> dict[str, nn.Linear]:
     }
 
 
-def load_default(artefact: Path = ARTEFACT, *, int8: bool = False) -> tuple[DualHead, dict[str, Any]]:
-    """Encoder with the shipped deltas merged in, and the heads; returns (model, metadata).
-
-    `int8`: use the head biases calibrated for the quantized encoder, where the artefact has them."""
+def load_default(artefact: Path = ARTEFACT) -> tuple[DualHead, dict[str, Any]]:
+    """Encoder with the shipped deltas merged in, and the heads; returns (model, metadata)."""
     from safetensors import safe_open
 
     if not artefact.exists():
@@ -121,12 +119,8 @@ def load_default(artefact: Path = ARTEFACT, *, int8: bool = False) -> tuple[Dual
             delta = tensors[f"lora.{name}.B"].float() @ tensors[key].float()
             targets[name].weight += scale * delta
         for head in ("sentiment", "emotion"):
-            bias = tensors.get(f"{head}.bias_int8") if int8 else None
             getattr(model, head).load_state_dict(
-                {
-                    "weight": tensors[f"{head}.weight"].float(),
-                    "bias": (bias if bias is not None else tensors[f"{head}.bias"]).float(),
-                }
+                {"weight": tensors[f"{head}.weight"].float(), "bias": tensors[f"{head}.bias"].float()}
             )
     model.eval()
     return model, meta

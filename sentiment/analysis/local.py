@@ -1,11 +1,13 @@
-"""What every local model shares: loading once in a worker thread, and batched CPU inference in one.
+"""What every local model shares: loading once in a worker thread, and batched CPU inference.
 
-Subclasses give `load_blocking()` and `_predict_chunk()`; `predict` cleans the texts, answers empty ones
-without inference, sorts the rest by length so each chunk pads little, and returns results in input order."""
+Subclasses give `_load_model()` and `_predict_chunk()`; `predict` cleans the texts, answers empty ones
+without inference, sorts the rest by length so each chunk pads little, runs the chunks on `streams`
+inference threads, and returns results in input order."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import trio
 
@@ -17,10 +19,14 @@ from .text import normalize_tweet
 class LocalAnalyzer:
     name: str
 
-    def __init__(self, chunk: int) -> None:
+    def __init__(self, chunk: int, streams: int = 1) -> None:
         self.chunk = chunk
+        # streams > 1: chunks run concurrently on that many threads (torch releases the GIL inside its
+        # ops); the subclass must then make its tokenizer safe to share between them.
+        self.streams = streams
+        self._pool: ThreadPoolExecutor | None = None
         self._loaded = False
-        # One batch at a time: torch already spreads one batch over every core it is given.
+        # One batch at a time: `predict` spreads a batch over every stream it has.
         self._limiter = trio.CapacityLimiter(1)
         self._load_lock = trio.Lock()
 
@@ -36,6 +42,9 @@ class LocalAnalyzer:
     def load_blocking(self) -> None:
         """Load now, in this thread (scripts call it; the worker goes through `load`)."""
         self._load_model()
+        if self.streams > 1 and self._pool is None:
+            # Lives as long as the analyzer: its threads keep their tokenizers between batches.
+            self._pool = ThreadPoolExecutor(self.streams, thread_name_prefix="inference")
         self._loaded = True
 
     def _load_model(self) -> None:
@@ -58,10 +67,18 @@ class LocalAnalyzer:
         cleaned = [normalize_tweet(t) for t in texts]
         results = [empty_result(self.name)] * len(texts)
         todo = sorted((i for i, t in enumerate(cleaned) if t), key=lambda i: len(cleaned[i]))
+        chunks = [todo[start : start + self.chunk] for start in range(0, len(todo), self.chunk)]
+
+        def run(idx: list[int]) -> list[Analysis]:
+            return self._predict_chunk([cleaned[i] for i in idx])
+
+        # The pool hands the next chunk to whichever stream is free, so unequal chunks still balance.
+        outputs: Iterable[list[Analysis]] = (
+            self._pool.map(run, chunks) if self._pool is not None and len(chunks) > 1 else map(run, chunks)
+        )
         try:
-            for start in range(0, len(todo), self.chunk):
-                idx = todo[start : start + self.chunk]
-                for i, analysis in zip(idx, self._predict_chunk([cleaned[i] for i in idx]), strict=True):
+            for idx, analyses in zip(chunks, outputs, strict=True):
+                for i, analysis in zip(idx, analyses, strict=True):
                     results[i] = analysis
         except RuntimeError as exc:  # torch reports failures (shapes, memory) as RuntimeError
             raise ModelError(f"inference failed: {exc}") from exc

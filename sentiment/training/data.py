@@ -15,6 +15,11 @@ import numpy as np
 
 from ..analysis.labels import DEFAULT_EMOTION_MAP, EMOTIONS, SENTIMENTS
 from ..analysis.text import normalize_tweet
+from ..config import Settings
+
+# Scoring predicts in the worker's default batches: dynamic int8 scales the activations per chunk, so
+# what a text shares a batch with moves its logits a little.
+WORKER_BATCH = Settings().batch_size
 
 
 @attrs.frozen

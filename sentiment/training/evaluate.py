@@ -25,8 +25,9 @@ def evaluate(data_dir: Path, task: str, *, quantize: bool = True, limit: int = 0
     analyzer = EmbeddedAnalyzer(quantize=quantize)
     analyzer.load_blocking()
     predicted: list[int] = []
-    for start in tqdm(range(0, len(texts), 256), desc=f"{task} test", unit="batch", mininterval=5):
-        for result in analyzer.predict(texts[start : start + 256]):
+    batch = data.WORKER_BATCH
+    for start in tqdm(range(0, len(texts), batch), desc=f"{task} test", unit="batch", mininterval=5):
+        for result in analyzer.predict(texts[start : start + batch]):
             predicted.append(labels.index(result.sentiment if task == "sentiment" else result.emotion))
     return {
         "task": task,

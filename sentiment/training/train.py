@@ -259,6 +259,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "emotion_labels": list(EMOTIONS),
         "seed": cfg.seed,
         "epochs": cfg.epochs,
+        "lr": cfg.lr,  # with seed, epochs and batch_size: what a rerun needs to reproduce this artefact
+        "batch_size": cfg.batch_size,
         "best_epoch": best["epoch"],
         "history": history,
         "train_examples": {"sentiment": len(sent_train), "emotion": len(emo_train)},
@@ -284,42 +286,3 @@ def _export(
     tensors["emotion.weight"] = model.emotion.weight.detach().clone()
     tensors["emotion.bias"] = model.emotion.bias.detach() + torch.from_numpy(e_off)
     return tensors
-
-
-def calibrate_int8(artefact: Path, data_dir: Path) -> dict[str, float]:
-    """Tune the head biases again for the int8 encoder (the default at run time) on the validation
-    splits, and add them to the artefact as `<head>.bias_int8`: quantization shifts the logits a little,
-    and offsets tuned on fp32 logits then sit slightly off."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from ..analysis.embedded import EmbeddedAnalyzer
-
-    with safe_open(str(artefact), framework="pt") as f:
-        metadata = f.metadata()
-        tensors = {key: f.get_tensor(key) for key in f.keys() if not key.endswith(".bias_int8")}  # noqa: SIM118
-    save_file(tensors, str(artefact), metadata=metadata)  # a rerun starts again from the fp32 biases
-    analyzer = EmbeddedAnalyzer(quantize=True, artefact=artefact)
-    analyzer.load_blocking()
-    sent_val = data.tweeteval_sentiment(data_dir, "val")
-    emo_val = data.goemotions(data_dir, "dev")
-    figures = {}
-    for head, examples, labels, metric in (
-        ("sentiment", sent_val, SENTIMENTS, "macro_recall"),
-        ("emotion", emo_val, EMOTIONS, "macro_f1"),
-    ):
-        results = analyzer.predict(list(examples.texts))
-        scores = [r.sentiment_scores if head == "sentiment" else r.emotion_scores for r in results]
-        # Log-probabilities differ from logits by a per-row constant, which no argmax sees.
-        logp = np.log(
-            np.array([[max(s[label], 1e-12) for label in labels] for s in scores], dtype=np.float32)
-        )
-        base = tensors[f"{head}.bias"].float().numpy()
-        # Further offsets on top of the fp32-calibrated bias, fitted to the int8 encoder's outputs.
-        offsets = calibrate(logp, examples.labels, metric)
-        tensors[f"{head}.bias_int8"] = torch.from_numpy(base + offsets)
-        figures[f"val_{head}_{metric}_int8"] = data.scores(
-            examples.labels, (logp + offsets).argmax(1), len(labels)
-        )[metric]
-    save_file(tensors, str(artefact), metadata=metadata)
-    return figures
