@@ -66,10 +66,11 @@ def traced(model: nn.Module, encodings: Sequence[Any]) -> Any:
 
 class EmbeddedAnalyzer(LocalAnalyzer):
     def __init__(
-        self, *, quantize: bool = True, threads: int = 0, chunk: int = 16, artefact: Path = ARTEFACT
+        self, *, quantize: bool = True, threads: int = 0, chunk: int = 12, artefact: Path = ARTEFACT
     ) -> None:
         # chunk: texts per forward pass, after sorting by length. Small chunks pad little (tweets vary
-        # from 5 to 60 tokens); on 2 cores 8, 12 and 16 measured within noise, 24 0.9x and 32 0.7x.
+        # from 5 to 60 tokens) and balance the streams: on 2 cores, batches of 64, 8 to 12 measured
+        # 1.14-1.3x chunks of 16 (12: the closest to fp32 on validation), 4 and 6 no better, 32 0.7x.
         # threads: inference threads, each running one chunk at a time on one core (0: one per usable
         # core). Measured on 2 cores: two single-threaded streams do 1.13x the posts/s of one chunk
         # spread over two torch threads, whose small matrix products split badly.
@@ -95,8 +96,8 @@ class EmbeddedAnalyzer(LocalAnalyzer):
                 # The encoder only: the two heads are a sliver of the compute, and int8 heads cost the
                 # emotion head's calibrated margins more accuracy than the whole encoder does.
                 quant = torch.ao.quantization
-                # Per channel, every Linear: on the validation splits, in the worker's batches, 0.009
-                # below fp32; keeping the top layer in fp32 was no more accurate and ~9% slower.
+                # Per channel, every Linear: on the validation splits, in the worker's batches, keeping
+                # the top layer in fp32 was no more accurate and ~9% slower.
                 model.encoder = quant.quantize_dynamic(  # type: ignore[no-untyped-call]
                     model.encoder, {torch.nn.Linear: quant.per_channel_dynamic_qconfig}, dtype=torch.qint8
                 )
