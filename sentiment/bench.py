@@ -232,13 +232,14 @@ def bench_workers(k: int, n: int, redis_url: str, database_url: str, batch_size:
 
     import psycopg
 
+    from .analysis.local import usable_cores
     from .config import Settings
     from .produce import publish
 
     stream = f"workers:{uuid.uuid4().hex[:8]}"
     settings = Settings(database_url=database_url, redis_url=redis_url, stream=stream)
     publish(settings, synthetic_posts(n, seed=5, prefix=stream), total=n, progress=False)
-    threads = max(1, (os.cpu_count() or 2) // k)
+    threads = max(1, usable_cores() // k)
     env = {
         **os.environ,
         "DATABASE_URL": database_url,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sentiment.analysis.base import Analysis
+from sentiment.analysis.base import Analysis, empty_result
 from sentiment.analysis.hub import TransformersAnalyzer, parse_label_map
 from sentiment.analysis.labels import DEFAULT_EMOTION_MAP, EMOTIONS, SENTIMENTS, map_label
 from sentiment.analysis.local import LocalAnalyzer
@@ -131,15 +131,12 @@ class _LengthAnalyzer(LocalAnalyzer):
         time.sleep(0.05)  # long enough that a free stream takes the next chunk
         if "boom" in texts:
             raise RuntimeError("shape mismatch")
+        emotions = empty_result(self.name).emotion_scores
         out = []
         for text in texts:
             p = min(len(text), 50) / 50
-            out.append(Analysis({"positive": p, "negative": 0.0, "neutral": 1 - p}, _uniform(), "length"))
+            out.append(Analysis({"positive": p, "negative": 0.0, "neutral": 1 - p}, emotions, self.name))
         return out
-
-
-def _uniform() -> dict[str, float]:
-    return dict.fromkeys(EMOTIONS, 1 / len(EMOTIONS))
 
 
 def test_streams_spread_chunks_over_threads_and_keep_input_order() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import warnings
 from collections.abc import Sequence
@@ -15,21 +14,13 @@ from torch import nn
 from .base import Analysis
 from .encoder import ARTEFACT, MAX_TOKENS, encoder_path, load_default
 from .labels import EMOTIONS, SENTIMENTS
-from .local import LocalAnalyzer
+from .local import LocalAnalyzer, usable_cores
 
 log = logging.getLogger(__name__)
 
 # Texts whose token shapes differ from each other and from the tracing example.
 _TRACE_EXAMPLE = ["a short post", "a longer post, with several more words in it than the first one has"]
 _TRACE_CHECKS = (["ok"], ["same length one", "same length two"], ["word " * 90, "x", "a b c d e f"])
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its affinity mask, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on every platform
-        return os.cpu_count() or 1
 
 
 def traced(model: nn.Module, encodings: Sequence[Any]) -> Any:
@@ -93,11 +84,10 @@ class EmbeddedAnalyzer(LocalAnalyzer):
                 # torch marks eager dynamic quantization deprecated in favour of torchao; it is still the
                 # fastest CPU path here (int8 Linear: ~2.6x fp32 on 2 cores) and needs no extra package.
                 warnings.simplefilter("ignore")
-                # The encoder only: the two heads are a sliver of the compute, and int8 heads cost the
+                # Every Linear of the encoder, per channel (on validation, an fp32 top layer was no more
+                # accurate and ~9% slower). Not the heads: a sliver of the compute, and int8 heads cost the
                 # emotion head's calibrated margins more accuracy than the whole encoder does.
                 quant = torch.ao.quantization
-                # Per channel, every Linear: on the validation splits, in the worker's batches, keeping
-                # the top layer in fp32 was no more accurate and ~9% slower.
                 model.encoder = quant.quantize_dynamic(  # type: ignore[no-untyped-call]
                     model.encoder, {torch.nn.Linear: quant.per_channel_dynamic_qconfig}, dtype=torch.qint8
                 )

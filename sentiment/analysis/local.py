@@ -6,6 +6,7 @@ inference threads, and returns results in input order."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,6 +15,14 @@ import trio
 from ..errors import ModelError
 from .base import Analysis, empty_result
 from .text import normalize_tweet
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on every platform
+        return os.cpu_count() or 1
 
 
 class LocalAnalyzer:
