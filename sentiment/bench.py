@@ -291,7 +291,7 @@ def bench_store_routes(
     # isort: on
 
     from .analysis.base import empty_result
-    from .post import Post
+    from .post import Limits, Post
     from .store import _COLUMNS, _INSERT_ANALYSES, _INSERT_POSTS, _TEMP_TABLE, Record
 
     copy_sql = f"COPY incoming ({', '.join(_COLUMNS)}) FROM STDIN"
@@ -307,7 +307,7 @@ def bench_store_routes(
                         Post.from_fields(
                             f"{1_700_000_000_000 + i}-0",
                             {k.encode(): v.encode() for k, v in p.items()},
-                            10**6,
+                            Limits(),
                         ),
                         result,
                     ).row

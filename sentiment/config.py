@@ -50,8 +50,12 @@ class Settings:
     dead_letter_stream: str = ""
     shutdown_grace_s: float = 10.0
     max_content_bytes: int = 100_000
+    # Bounds on the raw entry, checked before anything is decoded or parsed.
+    max_entry_bytes: int = 1_000_000
+    max_entry_fields: int = 64
+    max_field_name_bytes: int = 256
+    dead_letter_max_bytes: int = 65_536  # a dead-letter copy of a larger entry is truncated to this
     model_type: str = "embedded"
-    model_eager: bool = False
     quantize: bool = True
     inference_threads: int = 0  # embedded model: single-core inference threads (0: one per usable core)
     sentiment_model: str = "cardiffnlp/twitter-roberta-base-sentiment-latest"
@@ -69,6 +73,11 @@ class Settings:
     @property
     def dead_letter(self) -> str:
         return self.dead_letter_stream or f"{self.stream}:dead"
+
+    @property
+    def attempts_key(self) -> str:
+        """The hash of per-entry attempt counts (see RedisStream.count_failures)."""
+        return f"{self.stream}:attempts:{self.group}"
 
     def __repr__(self) -> str:
         # Never print secrets, whatever logs or tracebacks do with this object.
@@ -102,7 +111,7 @@ class Settings:
     def _from_reader(cls, r: _Reader) -> Settings:
         d = cls()  # the defaults (class attributes of a slotted attrs class are descriptors, not values)
         stream = r.text("REDIS_STREAM_NAME", d.stream)
-        return cls(
+        settings = cls(
             database_url=r.url("DATABASE_URL", d.database_url, ("postgresql", "postgres")),
             redis_url=_redis_url(r),
             stream=stream,
@@ -116,8 +125,13 @@ class Settings:
             dead_letter_stream=r.text("DEAD_LETTER_STREAM", f"{stream}:dead"),
             shutdown_grace_s=r.number("SHUTDOWN_GRACE_S", d.shutdown_grace_s, 0.0, 3600.0),
             max_content_bytes=r.integer("MAX_CONTENT_BYTES", d.max_content_bytes, 1, 100_000_000),
+            max_entry_bytes=r.integer("MAX_ENTRY_BYTES", d.max_entry_bytes, 1024, 512_000_000),
+            max_entry_fields=r.integer("MAX_ENTRY_FIELDS", d.max_entry_fields, 1, 100_000),
+            max_field_name_bytes=r.integer("MAX_FIELD_NAME_BYTES", d.max_field_name_bytes, 8, 65_536),
+            dead_letter_max_bytes=r.integer(
+                "DEAD_LETTER_MAX_BYTES", d.dead_letter_max_bytes, 1024, 512_000_000
+            ),
             model_type=r.choice("MODEL_TYPE", d.model_type, MODEL_TYPES),
-            model_eager=r.flag("MODEL_EAGER", d.model_eager),
             quantize=r.flag("MODEL_QUANTIZE", d.quantize),
             inference_threads=r.integer("INFERENCE_THREADS", d.inference_threads, 0, 256),
             sentiment_model=r.text("SENTIMENT_MODEL", d.sentiment_model),
@@ -132,6 +146,12 @@ class Settings:
             log_format=r.choice("LOG_FORMAT", d.log_format, LOG_FORMATS),
             stream_retention_s=r.integer("STREAM_RETENTION", d.stream_retention_s, 0, 10**9),
         )
+        if settings.dead_letter == settings.stream:
+            raise ConfigError(
+                f"DEAD_LETTER_STREAM must differ from REDIS_STREAM_NAME ({stream}): dead letters would be "
+                "read again as posts"
+            )
+        return settings
 
 
 @attrs.define

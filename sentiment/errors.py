@@ -40,10 +40,16 @@ class ModelError(SentimentError):
     """The analysis model cannot be loaded or failed on a batch."""
 
 
+class ModelUnavailable(ModelError, TransientError):
+    """The model cannot answer now for a reason that is no text's fault (an LLM provider down, rate
+    limited, its circuit open, the key refused): the batch is retried with backoff and stays pending."""
+
+
 class StoreError(PermanentError):
     """PostgreSQL refused the data itself (not the connection): that row goes to the dead-letter stream."""
 
 
-class StoreFailure(SentimentError):
-    """PostgreSQL failed for a reason that is not the data's (missing table, permissions): the worker stops
-    with this message and every entry stays pending, because dead-lettering would blame the posts."""
+class StoreFailure(StoreUnavailable):
+    """PostgreSQL failed for a reason that is not the data's (missing table, permissions): retried with
+    backoff like an outage, every entry stays pending, and /readyz says why. Dead-lettering would blame
+    the posts; stopping would make a crash loop of it."""

@@ -77,9 +77,11 @@ class Monitor:
 
     def ready(self) -> tuple[bool, str]:
         p = self.worker.processor
-        checks = {"model": p.analyzer.loaded, "redis": p.redis.up, "postgres": p.postgres.up}
-        missing = [k for k, ok in checks.items() if not ok]
-        return not missing, "ready" if not missing else "not ready: " + ", ".join(missing)
+        missing = [] if p.analyzer.loaded else ["model: not loaded"]
+        for name, service in (("model", p.model), ("redis", p.redis), ("postgres", p.postgres)):
+            if not service.up:
+                missing.append(f"{name}: {service.reason}")
+        return not missing, "ready" if not missing else "not ready: " + "; ".join(missing)
 
     def healthy(self) -> tuple[bool, str]:
         w, p = self.worker, self.worker.processor
@@ -116,7 +118,7 @@ class Monitor:
             except SentimentError as exc:
                 p.redis.failed(exc)
             try:
-                await p.store.ping()
+                await p.store.check_writable()  # answering is not enough: a revoked grant is not ready
                 p.postgres.succeeded()
             except SentimentError as exc:
                 p.postgres.failed(exc)

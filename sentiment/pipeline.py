@@ -81,12 +81,8 @@ class Worker:
     async def run(
         self, *, drain: bool = False, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        p = self.processor
         with self._starting:  # stop() during start-up (say, Redis still down) ends it at once
-            await retrying(p.redis, self.stream.ensure_group)
-            await retrying(p.postgres, p.store.migrate)
-            if self.settings.model_eager:
-                await p.analyzer.load()
+            await self.processor.prepare()
         if self._starting.cancelled_caught:
             return
         self.last_progress = time.monotonic()

@@ -13,6 +13,34 @@ from .errors import InvalidPost
 
 MAX_ID_CHARS = 256
 MAX_META_CHARS = 1000
+MAX_REASON_CHARS = 300  # an unforeseen error's text, as it goes into the dead-letter reason
+
+
+@attrs.frozen
+class Limits:
+    """Bounds on what one entry may hold. The raw ones are checked before anything is decoded."""
+
+    content_bytes: int = 100_000
+    entry_bytes: int = 1_000_000
+    fields: int = 64
+    field_name_bytes: int = 256
+
+    def check_raw(self, fields: Mapping[bytes, bytes]) -> None:
+        """InvalidPost if the entry is too large to be worth decoding: total bytes, field count, names."""
+        if len(fields) > self.fields:
+            raise InvalidPost(f"entry has {len(fields)} fields, over the limit of {self.fields}")
+        longest = max((len(k) for k in fields), default=0)
+        if longest > self.field_name_bytes:
+            raise InvalidPost(
+                f"entry has a field name of {longest} bytes, over the limit of {self.field_name_bytes}"
+            )
+        size = entry_bytes(fields)
+        if size > self.entry_bytes:
+            raise InvalidPost(f"entry is {size} bytes, over the limit of {self.entry_bytes}")
+
+
+def entry_bytes(fields: Mapping[bytes, bytes]) -> int:
+    return sum(len(k) + len(v) for k, v in fields.items())
 
 
 def entry_time(entry_id: str) -> datetime:
@@ -31,14 +59,30 @@ class Post:
     created_at: datetime
 
     @classmethod
-    def from_fields(cls, entry_id: str, fields: Mapping[bytes, bytes], max_content_bytes: int) -> Post:
-        """Accept the seed's flat fields or one `data` field holding that JSON object; else InvalidPost."""
+    def from_fields(cls, entry_id: str, fields: Mapping[bytes, bytes], limits: Limits) -> Post:
+        """Accept the seed's flat fields or one `data` field holding that JSON object; else InvalidPost.
+
+        Whatever a producer put in the entry, the only exception that leaves here is InvalidPost: an error
+        we did not foresee while reading one entry is that entry's fault, never the worker's."""
+        limits.check_raw(fields)
+        try:
+            return cls._parse(entry_id, fields, limits.content_bytes)
+        except InvalidPost:
+            raise
+        except Exception as exc:
+            reason = f"cannot be read as a post: {type(exc).__name__}: {exc}"
+            raise InvalidPost(reason[:MAX_REASON_CHARS]) from None
+
+    @classmethod
+    def _parse(cls, entry_id: str, fields: Mapping[bytes, bytes], max_content_bytes: int) -> Post:
         if b"data" in fields:
             raw = _utf8(fields[b"data"], "data")
             try:
                 obj = json.loads(raw)
             except json.JSONDecodeError as exc:
                 raise InvalidPost(f"field data is not valid JSON: {exc.msg} at position {exc.pos}") from None
+            except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+                raise InvalidPost(f"field data cannot be parsed: {exc}"[:MAX_REASON_CHARS]) from None
             except RecursionError:
                 raise InvalidPost("field data is nested too deeply") from None
             if not isinstance(obj, dict):
@@ -85,7 +129,15 @@ def _text(values: Mapping[str, Any], name: str, *, required: bool) -> str:
         return ""
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise InvalidPost(f"{name} must be a string, got {type(value).__name__}")
-    return str(value)
+    text = str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # JSON may spell a lone surrogate ("\ud800"); no UTF-8 text, and so no database, can hold it.
+        raise InvalidPost(
+            f"{name} holds a lone surrogate (\\u{ord(text[exc.start]):04x}) at character {exc.start}"
+        ) from None
+    return text
 
 
 def _meta(values: Mapping[str, Any], name: str) -> str:

@@ -1,8 +1,15 @@
-"""What happens to one batch of entries: validate → analyse → write → ack (or dead-letter).
+"""What happens to one batch of entries: validate → analyse → write → dead-letter → ack.
 
 Shared by the worker's stages (pipeline.py) and by scripts/reclaim.py, so both take the same path.
 A poison entry never blocks its batch: a batch that fails as a whole is retried text by text (analysis) or
 row by row (write), and only the culprit is held back.
+
+Attempts, not deliveries, decide the dead-letter stream. Redis's delivery count rises on every crash,
+restart and reclaim, so it says nothing about whose fault a failure was. What counts against
+MAX_DELIVERIES is only the entry's own failures (its text made the model fail), counted in Redis by
+the stream. An entry delivered more often than MAX_DELIVERIES is analysed on its own: if the process dies
+while doing that (a text that segfaults or exhausts memory), SOLO_CRASHES times, the entry is
+dead-lettered. So one such post causes at most MAX_DELIVERIES + SOLO_CRASHES crashes.
 """
 
 from __future__ import annotations
@@ -15,13 +22,16 @@ import trio
 
 from .analysis.base import Analysis, Analyzer
 from .config import Settings
-from .errors import InvalidPost, ModelError, StoreError
-from .post import Post
+from .errors import InvalidPost, ModelError, ModelUnavailable, StoreError
+from .post import Limits, Post
 from .retry import Service, retrying
 from .store import Record, Store
-from .stream import DeadLetter, Entry, Stream
+from .stream import DeadLetter, Entry, Stream, id_key
 
 log = logging.getLogger(__name__)
+
+SOLO_CRASHES = 2  # deaths of the process while analysing one entry alone before it is dead-lettered
+FORGET_TIMEOUT_S = 2.0  # bound on clearing a solo mark while cancelled
 
 
 @attrs.frozen
@@ -49,42 +59,101 @@ class Processor:
         self.stream = stream
         self.store = store
         self.analyzer = analyzer
+        self.limits = Limits(
+            content_bytes=settings.max_content_bytes,
+            entry_bytes=settings.max_entry_bytes,
+            fields=settings.max_entry_fields,
+            field_name_bytes=settings.max_field_name_bytes,
+        )
         self.redis = Service("Redis")
         self.postgres = Service("PostgreSQL")
+        self.model = Service("the model")
+
+    async def prepare(self) -> None:
+        """Everything that must hold before the first entry is read, so that no entry is read (and its
+        delivery count raised) by a worker that cannot process it: our keys hold what we write there, the
+        group exists, the schema is current and writable, the model is loaded. Outages and missing
+        grants are waited out with backoff (one log line, readyz 503); a wrong setting raises."""
+        await retrying(self.redis, self.stream.check_keys)
+        await retrying(self.redis, self.stream.ensure_group)
+        await retrying(self.postgres, self.store.migrate, max_wait=30.0)
+        await retrying(self.postgres, self.store.check_writable, max_wait=30.0)
+        try:
+            await self.analyzer.load()
+        except Exception as exc:
+            raise ModelError(f"the model could not be loaded: {exc}") from exc
+
+    # -- analysis ----------------------------------------------------------------------------------------
 
     async def analyse(self, entries: Sequence[Entry]) -> Analysed:
-        posts: list[Post] = []
+        max_attempts = self.settings.max_deliveries
         dead: list[DeadLetter] = []
+        posts: list[Post] = []
         for entry in entries:
-            if entry.deliveries > self.settings.max_deliveries:
-                dead.append(DeadLetter(entry, f"delivered {entry.deliveries} times, over MAX_DELIVERIES"))
-                continue
-            try:
-                posts.append(Post.from_fields(entry.id, entry.fields, self.settings.max_content_bytes))
-            except InvalidPost as exc:
-                dead.append(DeadLetter(entry, f"invalid post: {exc.reason}"))
+            if entry.deliveries <= max_attempts:
+                self._parse(entry, posts, dead)
         started = trio.current_time()
-        results = await self._analyse_isolated([p.content for p in posts])
+        results = await self._analyse([p.content for p in posts])
+        pairs = list(zip(posts, results, strict=True))
+        for entry in entries:
+            if entry.deliveries > max_attempts:
+                pairs.extend(await self._analyse_alone(entry, dead))
         inference_s = trio.current_time() - started
-        by_id = {e.id: e for e in entries}
-        records, retry = [], []
-        for post, result in zip(posts, results, strict=True):
+
+        records: list[Record] = []
+        failed: list[tuple[Post, str]] = []
+        for post, result in pairs:
             if isinstance(result, Analysis):
                 records.append(Record(post, result))
-                continue
-            entry = by_id[post.entry_id]
-            if entry.deliveries >= self.settings.max_deliveries:
-                dead.append(DeadLetter(entry, f"analysis failed {entry.deliveries} times: {result}"))
             else:
-                log.warning(
-                    "analysis failed for entry %s (delivery %d): %s",
-                    entry.id,
-                    entry.deliveries,
-                    result,
-                    extra={"entry_id": entry.id, "post_id": post.post_id},
-                )
-                retry.append(entry)
+                failed.append((post, result))
+        by_id = {e.id: e for e in entries}
+        counts = await retrying(self.redis, self.stream.count_failures, [p.entry_id for p, _ in failed])
+        retry: list[Entry] = []
+        for post, error in failed:
+            entry, n = by_id[post.entry_id], counts[post.entry_id]
+            if n >= max_attempts:
+                dead.append(DeadLetter(entry, f"analysis failed {n} times: {error}"))
+                continue
+            log.warning(
+                "analysis failed for entry %s (attempt %d of %d): %s",
+                entry.id,
+                n,
+                max_attempts,
+                error,
+                extra={"entry_id": entry.id, "post_id": post.post_id},
+            )
+            retry.append(entry)
         return Analysed(tuple(records), tuple(dead), tuple(retry), inference_s, tuple(entries))
+
+    def _parse(self, entry: Entry, posts: list[Post], dead: list[DeadLetter]) -> None:
+        try:
+            posts.append(Post.from_fields(entry.id, entry.fields, self.limits))
+        except InvalidPost as exc:
+            dead.append(DeadLetter(entry, f"invalid post: {exc.reason}"))
+
+    async def _analyse_alone(self, entry: Entry, dead: list[DeadLetter]) -> list[tuple[Post, Analysis | str]]:
+        """An entry delivered more than MAX_DELIVERIES times (crashes, restarts, reclaims): analysed on
+        its own, with a mark in Redis that only the death of the process leaves behind."""
+        starts = await retrying(self.redis, self.stream.solo_started, entry.id)
+        if starts > SOLO_CRASHES:
+            reason = f"the worker died {starts - 1} times while analysing this entry on its own"
+            dead.append(DeadLetter(entry, reason))
+            return []
+        try:
+            posts: list[Post] = []
+            self._parse(entry, posts, dead)
+            if not posts:
+                return []
+            return list(zip(posts, await self._analyse([posts[0].content]), strict=True))
+        finally:
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + FORGET_TIMEOUT_S):
+                await retrying(self.redis, self.stream.solo_finished, entry.id)
+
+    async def _analyse(self, texts: list[str]) -> list[Analysis | str]:
+        """Each text's analysis, or the error its text caused. An unavailable model (ModelUnavailable:
+        an LLM outage, say) is no text's fault: the batch waits for it, retried with backoff."""
+        return await retrying(self.model, self._analyse_isolated, texts, max_wait=30.0)
 
     async def _analyse_isolated(self, texts: list[str]) -> list[Analysis | str]:
         """Analyse the batch; if it fails, each text alone, so one bad text costs only itself."""
@@ -92,36 +161,52 @@ class Processor:
             return []
         try:
             return list(await self.analyzer.analyze(texts))
-        except Exception as exc:  # any analyzer error: isolate below, never crash the worker
+        except ModelUnavailable:
+            raise
+        except Exception as exc:  # any other analyzer error: isolate below, never crash the worker
             if not self.analyzer.loaded:
                 # A model that cannot load is no post's fault: stop, leaving every entry pending.
                 raise ModelError(f"the model could not be loaded: {exc}") from exc
             if len(texts) == 1:
-                return [f"{type(exc).__name__}: {exc}"]
+                return [f"{type(exc).__name__}: {exc}"[:300]]
         out: list[Analysis | str] = []
         for text in texts:
             out.extend(await self._analyse_isolated([text]))
         return out
 
+    # -- write, dead-letter, ack -------------------------------------------------------------------------
+
     async def commit(self, analysed: Analysed) -> Outcome:
-        """Write the rows in one transaction, then ack them and dead-letter the rejects.
+        """Write the rows in one transaction, store the dead letters, then ack both.
 
         Callers run this shielded: a commit and its ack are never cut apart by a cancellation, except by
         the worker's hard stop after the grace period, which leaves the entries pending (never acked
-        early)."""
-        records = list(analysed.records)
-        dead = list(analysed.dead)
-        duplicates = 0
+        early). An entry is acked only once its rows are committed or its dead-letter copy is stored."""
+        by_id = {e.id: e for e in analysed.entries}
+        records, repeats, dead = _one_per_post(analysed.records, by_id)
+        dead.extend(analysed.dead)
+        written: list[Record] = []
+        duplicates = len(repeats)
         if records:
             try:
                 result = await retrying(self.postgres, self.store.write, records)
-                duplicates = len(records) - result.analyses_inserted
+                written, conflicts = records, set(result.conflicts)
+                duplicates += len(records) - result.analyses_inserted - len(conflicts)
             except StoreError:
-                records, rejected, duplicates = await self._write_one_by_one(records, analysed.entries)
+                written, conflicts, rejected, dups = await self._write_one_by_one(records, by_id)
                 dead.extend(rejected)
-        ids = [r.post.entry_id for r in records]
-        await retrying(self.redis, self.stream.ack, ids)
-        await retrying(self.redis, self.stream.dead_letter, dead, self.settings.consumer)
+                duplicates += dups
+            for record in written:
+                if record.post.entry_id in conflicts:
+                    reason = f"post_id {record.post.post_id!r} is already stored with other content"
+                    dead.append(DeadLetter(by_id[record.post.entry_id], reason))
+            written = [r for r in written if r.post.entry_id not in conflicts]
+        tried: dict[str, str] = {}  # kept across retries: finds a copy whose reply was lost
+        await retrying(self.redis, self.stream.dead_letter, dead, tried)
+        done = [r.post.entry_id for r in written] + [e.id for e in repeats] + [d.entry.id for d in dead]
+        await retrying(self.redis, self.stream.ack, done)
+        # Only a redelivered entry can have attempt counts to drop.
+        await retrying(self.redis, self.stream.forget, [i for i in done if by_id[i].deliveries > 1])
         for letter in dead:
             log.warning(
                 "dead-lettered entry %s: %s",
@@ -129,13 +214,15 @@ class Processor:
                 letter.reason,
                 extra={"entry_id": letter.entry.id},
             )
-        return Outcome(len(records), duplicates, len(dead), len(analysed.retry))
+        return Outcome(len(written) + len(repeats), duplicates, len(dead), len(analysed.retry))
 
     async def _write_one_by_one(
-        self, records: list[Record], entries: Sequence[Entry]
-    ) -> tuple[list[Record], list[DeadLetter], int]:
-        by_id = {e.id: e for e in entries}
-        written, rejected, duplicates = [], [], 0
+        self, records: list[Record], by_id: dict[str, Entry]
+    ) -> tuple[list[Record], set[str], list[DeadLetter], int]:
+        written: list[Record] = []
+        conflicts: set[str] = set()
+        rejected: list[DeadLetter] = []
+        duplicates = 0
         for record in records:
             try:
                 result = await retrying(self.postgres, self.store.write, [record])
@@ -143,5 +230,29 @@ class Processor:
                 rejected.append(DeadLetter(by_id[record.post.entry_id], f"rejected by PostgreSQL: {exc}"))
                 continue
             written.append(record)
-            duplicates += 1 - result.analyses_inserted
-        return written, rejected, duplicates
+            conflicts.update(result.conflicts)
+            duplicates += 1 - result.analyses_inserted - len(result.conflicts)
+        return written, conflicts, rejected, duplicates
+
+
+def _one_per_post(
+    records: Sequence[Record], by_id: dict[str, Entry]
+) -> tuple[list[Record], list[Entry], list[DeadLetter]]:
+    """Within one batch, the first entry of a post_id (in stream order) is the one written. A later one
+    with the same content is a repeat (acked, nothing written); with other content it is dead-lettered:
+    a post_id names one post."""
+    first: dict[str, Record] = {}
+    repeats: list[Entry] = []
+    dead: list[DeadLetter] = []
+    for record in sorted(records, key=lambda r: id_key(r.post.entry_id)):
+        post = record.post
+        seen = first.setdefault(post.post_id, record)
+        if seen is record:
+            continue
+        entry = by_id[post.entry_id]
+        if seen.post.content == post.content:
+            repeats.append(entry)
+        else:
+            reason = f"post_id {post.post_id!r} came again in entry {seen.post.entry_id} with other content"
+            dead.append(DeadLetter(entry, reason))
+    return list(first.values()), repeats, dead

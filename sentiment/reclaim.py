@@ -29,8 +29,7 @@ class ReclaimReport:
 async def reclaim(processor: Processor, min_idle_ms: int) -> ReclaimReport:
     report = ReclaimReport()
     stream, redis = processor.stream, processor.redis
-    await retrying(redis, stream.ensure_group)
-    await retrying(processor.postgres, processor.store.migrate)
+    await processor.prepare()
     cursor = "0-0"
     while True:
         claimed = await retrying(redis, stream.autoclaim, cursor, min_idle_ms, processor.settings.batch_size)

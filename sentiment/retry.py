@@ -22,10 +22,12 @@ class Service:
     def __init__(self, name: str) -> None:
         self.name = name
         self.up = True
+        self.reason = ""  # why it is down, for /readyz
         self._down_since = 0.0
         self.on_change: Callable[[bool], None] = lambda up: None
 
     def failed(self, exc: BaseException) -> None:
+        self.reason = str(exc)
         if self.up:
             self.up = False
             self._down_since = trio.current_time()

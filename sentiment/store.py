@@ -10,6 +10,10 @@ unless trio_asyncio is imported first, and then fails with "no running event loo
 
 Bulk path: COPY into a temporary table, then INSERT … SELECT … ON CONFLICT DO NOTHING into both tables.
 COPY streams the batch in one message; the conflict clause makes a redelivered entry a no-op.
+
+One post, one current analysis: `sentiment_analysis` is unique on post_id. A redelivered post changes
+nothing, whichever model analysed it this time. A post_id that comes back with other content is not
+written; its entry ID is returned as a conflict, and the caller dead-letters it with that reason.
 """
 
 from __future__ import annotations
@@ -74,6 +78,8 @@ class Record:
 class WriteResult:
     posts_inserted: int
     analyses_inserted: int
+    # Entry IDs whose post_id is already stored with other content: nothing of theirs was written.
+    conflicts: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -85,6 +91,7 @@ class TableCounts:
 
 class Store(Protocol):
     async def migrate(self) -> int: ...
+    async def check_writable(self) -> None: ...
     async def write(self, records: Sequence[Record]) -> WriteResult: ...
     async def ping(self) -> bool: ...
 
@@ -115,12 +122,23 @@ INSERT INTO social_media_posts (post_id, source, content, author, created_at)
 SELECT post_id, source, content, author, created_at FROM incoming
 ON CONFLICT (post_id) DO NOTHING
 """
+_CONFLICTS = """
+SELECT i.stream_entry_id FROM incoming i JOIN social_media_posts p USING (post_id)
+WHERE p.content IS DISTINCT FROM i.content
+"""
 _INSERT_ANALYSES = """
 INSERT INTO sentiment_analysis
     (post_id, sentiment, sentiment_score, emotion, emotion_score, scores, model, stream_entry_id)
-SELECT post_id, sentiment, sentiment_score, emotion, emotion_score, scores::jsonb, model, stream_entry_id
-FROM incoming
-ON CONFLICT (post_id, model) DO NOTHING
+SELECT i.post_id, i.sentiment, i.sentiment_score, i.emotion, i.emotion_score, i.scores::jsonb, i.model,
+       i.stream_entry_id
+FROM incoming i JOIN social_media_posts p ON p.post_id = i.post_id AND p.content = i.content
+ON CONFLICT (post_id) DO NOTHING
+"""
+_WRITABLE = """
+SELECT has_table_privilege('social_media_posts', 'INSERT'),
+       has_table_privilege('sentiment_analysis', 'INSERT'),
+       has_database_privilege(current_database(), 'TEMPORARY'),
+       current_user
 """
 
 
@@ -161,6 +179,11 @@ class PostgresStore:
             raise StoreUnavailable(f"PostgreSQL at {mask_url(self.dsn)}: {str(exc).strip()}") from exc
         except (psycopg.DataError, psycopg.IntegrityError) as exc:
             raise StoreError(f"PostgreSQL refused the data: {str(exc).strip()}") from exc
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise StoreFailure(
+                f"PostgreSQL at {mask_url(self.dsn)}: {str(exc).strip()} (GRANT the role in DATABASE_URL "
+                "the privileges the worker needs, see README)"
+            ) from exc
         except psycopg.Error as exc:
             raise StoreFailure(f"PostgreSQL at {mask_url(self.dsn)}: {str(exc).strip()}") from exc
 
@@ -171,6 +194,30 @@ class PostgresStore:
     async def migrate(self) -> int:
         """Apply the numbered SQL files not yet recorded in schema_version; returns the schema version."""
         return int(await self._run(_migrate))
+
+    async def check_writable(self) -> None:
+        """StoreFailure unless the worker's writes can succeed: tables present, INSERT and TEMPORARY
+        granted. The worker reads no entry before this passes, so a missing grant blames no post."""
+
+        def check(conn: psycopg.Connection[Any]) -> None:
+            row = conn.execute(_WRITABLE).fetchone()
+            assert row is not None
+            missing = [
+                what
+                for ok, what in zip(
+                    row[:3],
+                    ("INSERT on social_media_posts", "INSERT on sentiment_analysis", "TEMPORARY"),
+                    strict=True,
+                )
+                if not ok
+            ]
+            if missing:
+                raise StoreFailure(
+                    f"PostgreSQL role {row[3]} lacks {', '.join(missing)}: the worker waits (readyz 503) "
+                    "until it is granted"
+                )
+
+        await self._run(check)
 
     async def write(self, records: Sequence[Record]) -> WriteResult:
         if not records:
@@ -183,13 +230,21 @@ class PostgresStore:
             conn.execute(_TEMP_TABLE)  # outside the batch transaction, so a rollback cannot drop it
             self._has_temp = True
         with conn.transaction(), conn.cursor() as cur:
-            with cur.copy(f"COPY incoming ({', '.join(_COLUMNS)}) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
+            try:
+                with cur.copy(f"COPY incoming ({', '.join(_COLUMNS)}) FROM STDIN") as copy:
+                    for row in rows:
+                        copy.write_row(row)
+            except psycopg.Error:
+                raise
+            except Exception as exc:
+                # A value psycopg cannot encode (say, a lone surrogate that slipped past validation) is
+                # the data's fault like a row the server refuses: the caller isolates it row by row.
+                raise StoreError(f"a row cannot be encoded: {type(exc).__name__}: {exc}"[:300]) from exc
             cur.execute(_INSERT_POSTS)
             posts = cur.rowcount
+            conflicts = tuple(r[0] for r in cur.execute(_CONFLICTS).fetchall())
             cur.execute(_INSERT_ANALYSES)
-            return WriteResult(posts, cur.rowcount)
+            return WriteResult(posts, cur.rowcount, conflicts)
 
     async def counts(self) -> TableCounts:
         def query(conn: psycopg.Connection[Any]) -> TableCounts:

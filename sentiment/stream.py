@@ -6,6 +6,7 @@ and each command crosses over with `aio_as_trio`. Driver errors become StreamUna
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -16,10 +17,26 @@ import redis.asyncio as aioredis
 import redis.exceptions as rex
 import trio_asyncio
 
+from . import deadletter
 from .config import Settings, mask_url
 from .errors import ConfigError, StreamUnavailable
 
 T = TypeVar("T")
+# Error replies that say the environment is wrong (busy, read-only, out of memory, ACL, a key of the
+# wrong type), not an entry.
+_NOT_OURS = (
+    "LOADING",
+    "BUSY",
+    "TRYAGAIN",
+    "MASTERDOWN",
+    "READONLY",
+    "OOM",
+    "MISCONF",
+    "NOREPLICAS",
+    "CLUSTERDOWN",
+    "NOPERM",
+    "WRONGTYPE",
+)
 
 
 @attrs.frozen
@@ -56,11 +73,16 @@ class Stream(Protocol):
     """What the pipeline needs from a stream; RedisStream and the tests' in-memory fake implement it."""
 
     async def ensure_group(self) -> None: ...
+    async def check_keys(self) -> None: ...
     async def read(self, start: str, count: int, block_ms: int | None) -> tuple[list[Entry], list[str]]: ...
     async def autoclaim(self, cursor: str, min_idle_ms: int, count: int) -> Claimed: ...
     async def with_deliveries(self, entries: Sequence[Entry]) -> list[Entry]: ...
     async def ack(self, ids: Sequence[str]) -> None: ...
-    async def dead_letter(self, letters: Sequence[DeadLetter], consumer: str) -> None: ...
+    async def dead_letter(self, letters: Sequence[DeadLetter], tried: dict[str, str]) -> None: ...
+    async def count_failures(self, ids: Sequence[str]) -> dict[str, int]: ...
+    async def solo_started(self, entry_id: str) -> int: ...
+    async def solo_finished(self, entry_id: str) -> None: ...
+    async def forget(self, ids: Sequence[str]) -> None: ...
     async def renew(self, ids: Sequence[str]) -> None: ...
     async def pending(
         self, count: int, consumer: str | None = None, idle_ms: int | None = None
@@ -83,6 +105,8 @@ class RedisStream:
         self.name = settings.stream
         self.group = settings.group
         self.consumer = settings.consumer
+        self.dead = settings.dead_letter
+        self.attempts = settings.attempts_key
 
     @classmethod
     @asynccontextmanager
@@ -116,8 +140,10 @@ class RedisStream:
                 raise StreamUnavailable(
                     f"consumer group {self.group} was missing and has been recreated"
                 ) from exc
-            if message.startswith(("LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN")):
-                raise StreamUnavailable(f"Redis is busy: {message}") from exc
+            if message.startswith(_NOT_OURS):
+                # The server, its configuration or a key someone changed: no entry's fault. Retried with
+                # backoff (one log line), entries stay pending.
+                raise StreamUnavailable(f"Redis refused a command: {message}") from exc
             raise
 
     async def ping(self) -> bool:
@@ -135,6 +161,20 @@ class RedisStream:
                 raise
         except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
             raise StreamUnavailable(f"Redis at {mask_url(self.settings.redis_url)}: {exc}") from exc
+
+    async def check_keys(self) -> None:
+        """At start-up: the keys we write must hold what we write to them, or nothing yet (ConfigError)."""
+        expected = {
+            self.name: ("stream", "REDIS_STREAM_NAME"),
+            self.dead: ("stream", "DEAD_LETTER_STREAM"),
+            self.attempts: ("hash", "the attempt counts key"),
+        }
+        for key, (kind, what) in expected.items():
+            found = _decode(await self._call(self._redis.type, key))
+            if found not in ("none", kind):
+                raise ConfigError(
+                    f"{what} {key!r} holds a {found}, not a {kind}: choose another key or delete it"
+                )
 
     async def read(self, start: str, count: int, block_ms: int | None) -> tuple[list[Entry], list[str]]:
         """XREADGROUP from `start` (`>` for new entries, an ID for our own pending ones).
@@ -192,28 +232,110 @@ class RedisStream:
         if ids:
             await self._call(self._redis.xack, self.name, self.group, *ids)
 
-    async def dead_letter(self, letters: Sequence[DeadLetter], consumer: str) -> None:
-        """Copy each entry with its reason to the dead-letter stream and ack it, atomically (MULTI)."""
+    async def dead_letter(self, letters: Sequence[DeadLetter], tried: dict[str, str]) -> None:
+        """Store a copy of each entry in the dead-letter stream; acking is the caller's next step.
+
+        No MULTI: Redis runs the XACK of a MULTI even when its XADD fails. Each copy gets an ID we
+        choose, recorded in `tried` (entry ID → dead-letter ID; the caller keeps it across retries), so a
+        try whose reply was lost is found by that ID instead of being added twice."""
         if not letters:
             return
-        pipe = self._redis.pipeline(transaction=True)
-        now = str(int(time.time() * 1000)).encode()
-        for letter in letters:
-            fields: dict[Any, Any] = dict(letter.entry.fields)
-            fields.update(
-                {
-                    b"dead_reason": letter.reason.encode(),
-                    b"dead_entry_id": letter.entry.id.encode(),
-                    b"dead_stream": self.name.encode(),
-                    b"dead_group": self.group.encode(),
-                    b"dead_deliveries": str(letter.entry.deliveries).encode(),
-                    b"dead_consumer": consumer.encode(),
-                    b"dead_at_ms": now,
-                }
+        landed = await self._landed([(x.entry.id, tried[x.entry.id]) for x in letters if x.entry.id in tried])
+        todo = [x for x in letters if x.entry.id not in landed]
+        if not todo:
+            return
+        top: Any = await self._call(self._redis.xrevrange, self.dead, "+", "-", count=1)
+        top_ms, top_seq = id_key(_decode(top[0][0])) if top else (0, 0)
+        now_ms = int(time.time() * 1000)
+        # A random sequence part keeps workers that dead-letter in the same millisecond apart.
+        if now_ms > top_ms:
+            base_ms, base_seq = now_ms, random.getrandbits(40)
+        else:
+            base_ms, base_seq = top_ms, top_seq + 1 + random.getrandbits(20)
+        pipe = self._redis.pipeline(transaction=False)
+        for i, letter in enumerate(todo):
+            dead_id = f"{base_ms}-{base_seq + i}"
+            tried[letter.entry.id] = dead_id
+            fields = deadletter.encode(
+                fields=letter.entry.fields,
+                reason=letter.reason,
+                entry_id=letter.entry.id,
+                stream=self.name,
+                group=self.group,
+                deliveries=letter.entry.deliveries,
+                consumer=self.consumer,
+                now_ms=now_ms,
+                max_bytes=self.settings.dead_letter_max_bytes,
             )
-            pipe.xadd(self.settings.dead_letter, fields)
-            pipe.xack(self.name, self.group, letter.entry.id)
-        await self._call(pipe.execute)
+            pipe.xadd(self.dead, fields, id=dead_id)  # type: ignore[arg-type]
+        results: Any = await self._call(pipe.execute, raise_on_error=False)
+        for result in results:
+            if isinstance(result, rex.ResponseError) and "equal or smaller" in str(result):
+                # Another worker's copy took a higher ID first: the retry checks what landed and picks
+                # new IDs above the top.
+                raise StreamUnavailable("a dead-letter ID was taken by another worker; choosing again")
+            if isinstance(result, Exception):
+                raise StreamUnavailable(
+                    f"cannot add to DEAD_LETTER_STREAM {self.dead!r}: {result}; entries stay pending"
+                ) from result
+
+    async def _landed(self, tries: Sequence[tuple[str, str]]) -> set[str]:
+        """Entry IDs whose copy is already in the dead-letter stream under the ID tried for it."""
+        if not tries:
+            return set()
+        pipe = self._redis.pipeline(transaction=False)
+        for _, dead_id in tries:
+            pipe.xrange(self.dead, dead_id, dead_id)
+        found: Any = await self._call(pipe.execute)
+        landed = set()
+        for (entry_id, _), rows in zip(tries, found, strict=True):
+            if not rows:
+                continue
+            copy = rows[0][1]
+            if copy.get(b"entry_id") == entry_id.encode() and copy.get(b"stream") == self.name.encode():
+                landed.add(entry_id)
+        return landed
+
+    # -- attempt accounting ------------------------------------------------------------------------------
+    # Redis counts deliveries, and they rise on every crash, restart and reclaim. What counts against
+    # MAX_DELIVERIES is kept here instead, in one hash per stream and group: `<entry ID>` counts the
+    # failures that were the entry's own (its text made the model fail); `<entry ID>:solo` counts
+    # analyses of the entry on its own that began and never ended (the process died with it).
+
+    async def count_failures(self, ids: Sequence[str]) -> dict[str, int]:
+        if not ids:
+            return {}
+        pipe = self._redis.pipeline(transaction=False)
+        for entry_id in ids:
+            pipe.hincrby(self.attempts, entry_id, 1)
+        counts: Any = await self._call(pipe.execute)
+        return {entry_id: int(n) for entry_id, n in zip(ids, counts, strict=True)}
+
+    async def solo_started(self, entry_id: str) -> int:
+        return int(await self._call(self._redis.hincrby, self.attempts, f"{entry_id}:solo", 1))
+
+    async def solo_finished(self, entry_id: str) -> None:
+        await self._call(self._redis.hdel, self.attempts, f"{entry_id}:solo")
+
+    async def forget(self, ids: Sequence[str]) -> None:
+        """Drop the counts of entries that are done (acked)."""
+        if ids:
+            await self._call(self._redis.hdel, self.attempts, *ids, *(f"{i}:solo" for i in ids))
+
+    # -- the dead-letter stream, for the operator's commands -------------------------------------------
+
+    async def dead_range(self, start: str, count: int) -> list[tuple[str, dict[bytes, bytes]]]:
+        rows: Any = await self._call(self._redis.xrange, self.dead, start, "+", count=count)
+        return [(_decode(i), dict(f)) for i, f in rows]
+
+    async def publish(self, stream: str, fields: Mapping[bytes, bytes]) -> str:
+        return _decode(await self._call(self._redis.xadd, stream, dict(fields)))
+
+    async def remove_dead(self, ids: Sequence[str]) -> int:
+        return int(await self._call(self._redis.xdel, self.dead, *ids)) if ids else 0
+
+    async def trim_dead(self, before: str) -> int:
+        return int(await self._call(self._redis.xtrim, self.dead, minid=before, approximate=False))
 
     async def renew(self, ids: Sequence[str]) -> None:
         """XCLAIM our own in-flight entries with JUSTID: resets their idle time, not their delivery count."""
@@ -283,12 +405,12 @@ class RedisStream:
                     ],
                 }
             )
-        dead = int(await self._call(self._redis.xlen, self.settings.dead_letter))
+        dead = int(await self._call(self._redis.xlen, self.dead))
         return {
             "stream": self.name,
             "length": length,
             "groups": groups,
-            "dead_letter": {"stream": self.settings.dead_letter, "length": dead},
+            "dead_letter": {"stream": self.dead, "length": dead},
         }
 
     async def trim_acked(self, min_age_ms: int) -> int:

@@ -33,6 +33,7 @@ class FakeGroup:
         self.pel: dict[str, _Pending] = {}
         self.acked: list[str] = []
         self.dead: list[tuple[DeadLetter, str]] = []
+        self.attempts: dict[str, int] = {}  # the attempts hash: entry ID (or ID:solo) → count
         self._seq = 0
         self.new_entry = trio.Event()
 
@@ -66,6 +67,9 @@ class FakeStream:
 
     async def ensure_group(self) -> None:
         self._maybe_fail("ensure_group")
+
+    async def check_keys(self) -> None:
+        self._maybe_fail("check_keys")
 
     async def read(self, start: str, count: int, block_ms: int | None) -> tuple[list[Entry], list[str]]:
         await trio.lowlevel.checkpoint()
@@ -118,13 +122,36 @@ class FakeStream:
             if self.g.pel.pop(i, None) is not None:
                 self.g.acked.append(i)
 
-    async def dead_letter(self, letters: Sequence[DeadLetter], consumer: str) -> None:
+    async def dead_letter(self, letters: Sequence[DeadLetter], tried: dict[str, str]) -> None:
+        """Like Redis: stores copies only; the entries stay pending until acked."""
         await trio.lowlevel.checkpoint()
         if letters:
             self._maybe_fail("dead_letter")
         for letter in letters:
-            self.g.dead.append((letter, consumer))
-            self.g.pel.pop(letter.entry.id, None)
+            if letter.entry.id not in tried:
+                self.g.dead.append((letter, self.consumer))
+                tried[letter.entry.id] = f"dead-{len(self.g.dead)}"
+
+    async def count_failures(self, ids: Sequence[str]) -> dict[str, int]:
+        if ids:
+            self._maybe_fail("count_failures")
+        for i in ids:
+            self.g.attempts[i] = self.g.attempts.get(i, 0) + 1
+        return {i: self.g.attempts[i] for i in ids}
+
+    async def solo_started(self, entry_id: str) -> int:
+        self._maybe_fail("solo_started")
+        key = f"{entry_id}:solo"
+        self.g.attempts[key] = self.g.attempts.get(key, 0) + 1
+        return self.g.attempts[key]
+
+    async def solo_finished(self, entry_id: str) -> None:
+        self.g.attempts.pop(f"{entry_id}:solo", None)
+
+    async def forget(self, ids: Sequence[str]) -> None:
+        for i in ids:
+            self.g.attempts.pop(i, None)
+            self.g.attempts.pop(f"{i}:solo", None)
 
     async def renew(self, ids: Sequence[str]) -> None:
         self._maybe_fail("renew")
@@ -165,13 +192,16 @@ class FakeStream:
 class FakeStore:
     def __init__(self) -> None:
         self.posts: dict[str, Record] = {}
-        self.analyses: dict[tuple[str, str], Record] = {}
+        self.analyses: dict[str, Record] = {}  # one current analysis per post_id
         self.fail_next = 0  # writes that fail with StoreUnavailable after "sending" the rows
         self.commit_then_fail = 0  # writes that commit, then report a broken connection
         self.writes = 0
 
     async def migrate(self) -> int:
         return 1
+
+    async def check_writable(self) -> None:
+        return None
 
     async def ping(self) -> bool:
         return True
@@ -183,18 +213,21 @@ class FakeStore:
             self.fail_next -= 1
             raise StoreUnavailable("injected: connection lost before commit")
         posts = analyses = 0
+        conflicts = []
         for r in records:
             if r.post.post_id not in self.posts:
                 self.posts[r.post.post_id] = r
                 posts += 1
-            key = (r.post.post_id, r.analysis.model)
-            if key not in self.analyses:
-                self.analyses[key] = r
+            if self.posts[r.post.post_id].post.content != r.post.content:
+                conflicts.append(r.post.entry_id)
+                continue
+            if r.post.post_id not in self.analyses:
+                self.analyses[r.post.post_id] = r
                 analyses += 1
         if self.commit_then_fail:
             self.commit_then_fail -= 1
             raise StoreUnavailable("injected: connection cut after commit")
-        return WriteResult(posts, analyses)
+        return WriteResult(posts, analyses, tuple(conflicts))
 
 
 class FakeAnalyzer:

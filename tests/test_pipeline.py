@@ -9,7 +9,7 @@ import trio.testing
 from sentiment.config import Settings
 from sentiment.errors import ModelError
 from sentiment.pipeline import Worker
-from sentiment.processing import Processor
+from sentiment.processing import SOLO_CRASHES, Processor
 
 from .fakes import FakeAnalyzer, FakeGroup, FakeStore
 
@@ -97,7 +97,7 @@ async def test_poison_text_is_isolated_retried_then_dead_lettered(autojump_clock
     worker = make_worker(group, store, max_deliveries=3)
     with trio.fail_after(600):
         await worker.run(drain=True)
-    assert {k[0] for k in store.analyses} == {"p0", "p1", "p2", "p3"}
+    assert set(store.analyses) == {"p0", "p1", "p2", "p3"}
     [(letter, consumer)] = group.dead
     assert letter.entry.id == poison
     assert letter.entry.deliveries == 3
@@ -122,17 +122,35 @@ async def test_invalid_input_goes_to_dead_letter_with_reason(autojump_clock: Clo
     assert group.pel == {}
 
 
-async def test_entry_over_max_deliveries_is_dead_lettered_unprocessed(autojump_clock: Clock) -> None:
+async def test_entry_over_max_deliveries_is_analysed_alone_and_written(autojump_clock: Clock) -> None:
+    # Delivered five times already, to consumers that died: deliveries are not attempts, so the post is
+    # still written, analysed in a batch of its own.
     group, store = FakeGroup(), FakeStore()
-    [entry_id] = publish(group, 1)
-    dead_consumer = group.stream("dead")
-    await dead_consumer.read(">", 10, None)
-    group.pel[entry_id].count = 5  # delivered five times already, to consumers that died
+    ids = publish(group, 3)
+    await group.stream("dead").read(">", 10, None)
+    group.pel[ids[1]].count = 5
+    analyzer = FakeAnalyzer()
+    await make_worker(group, store, analyzer, claim_min_idle_ms=10, max_deliveries=5).run(drain=True)
+    assert group.dead == []
+    assert set(store.analyses) == {"p0", "p1", "p2"}
+    assert analyzer.calls == [["good day 0", "good day 2"], ["good day 1"]]  # p1 alone
+    assert group.attempts == {} and group.pel == {}
+
+
+async def test_entry_that_killed_the_worker_alone_is_dead_lettered_unanalysed(autojump_clock: Clock) -> None:
+    # Two earlier analyses of this entry on its own began and never ended: the process died with it.
+    group, store = FakeGroup(), FakeStore()
+    [entry_id, _] = publish(group, 2)
+    await group.stream("dead").read(">", 10, None)
+    group.pel[entry_id].count = 9
+    group.attempts[f"{entry_id}:solo"] = SOLO_CRASHES
     analyzer = FakeAnalyzer()
     await make_worker(group, store, analyzer, claim_min_idle_ms=10, max_deliveries=5).run(drain=True)
     [(letter, _)] = group.dead
-    assert letter.entry.deliveries == 6 and "over MAX_DELIVERIES" in letter.reason
-    assert analyzer.calls == [] and store.analyses == {}
+    assert letter.entry.id == entry_id
+    assert f"the worker died {SOLO_CRASHES} times while analysing this entry on its own" in letter.reason
+    assert analyzer.calls == [["good day 1"]] and set(store.analyses) == {"p1"}
+    assert group.attempts == {} and group.pel == {}
 
 
 async def test_dead_consumers_entries_are_reclaimed_and_processed_once(autojump_clock: Clock) -> None:

@@ -10,13 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sentiment.errors import InvalidPost
-from sentiment.post import Post
+from sentiment.post import Limits, Post
 
 ENTRY = "1700000000123-0"
 
 
 def parse(fields: dict[bytes, bytes], limit: int = 100_000) -> Post:
-    return Post.from_fields(ENTRY, fields, limit)
+    return Post.from_fields(ENTRY, fields, Limits(content_bytes=limit))
 
 
 def test_flat_and_json_shapes_give_the_same_post() -> None:

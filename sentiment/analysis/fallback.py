@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from ..errors import ModelUnavailable
 from .base import Analysis, Analyzer
 
 log = logging.getLogger(__name__)
@@ -32,9 +33,16 @@ class FallbackAnalyzer:
     async def analyze(self, texts: Sequence[str]) -> list[Analysis]:
         if not self._primary_broken:
             await self.load()  # a load failure marks the primary broken for good: no reload per batch
-        if not self._primary_broken:
+        if self._primary_broken:
+            return await self.fallback.analyze(texts)
+        try:
+            return await self.primary.analyze(texts)
+        except Exception as exc:  # the batch goes to the LLM; the pipeline isolates what fails there
+            log.warning("local model failed on a batch (%s); asking %s", exc, self.fallback.name)
             try:
-                return await self.primary.analyze(texts)
-            except Exception as exc:  # the batch goes to the LLM; the pipeline isolates what fails there
-                log.warning("local model failed on a batch (%s); asking %s", exc, self.fallback.name)
-        return await self.fallback.analyze(texts)
+                return await self.fallback.analyze(texts)
+            except ModelUnavailable:
+                # The LLM is down: what failed is the local model on these texts, so that error stands
+                # (the pipeline isolates the text that causes it) rather than an outage the batch would
+                # wait out forever.
+                raise exc from None

@@ -18,7 +18,7 @@ import tenacity
 import trio
 
 from ..config import Settings
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError, ModelError, ModelUnavailable
 from .base import Analysis, empty_result
 from .labels import EMOTIONS, SENTIMENTS
 
@@ -33,6 +33,9 @@ DEFAULT_MODELS = {
     "anthropic": "claude-3-5-haiku-latest",
 }
 MAX_CHARS = 2000  # per post: the model sees a prefix, as the local models do
+# Statuses by which a provider refuses the request's content (the texts): these count as the texts'
+# failures. Every other error status is the provider's or the configuration's.
+_TEXT_REJECTED = (400, 413, 422)
 
 INSTRUCTIONS = (
     "You classify social-media posts. For each numbered post give its sentiment (one of: "
@@ -64,7 +67,9 @@ class CircuitBreaker:
 
     def check(self) -> None:
         if self.failures >= self.threshold and trio.current_time() - self.opened_at < self.cooldown:
-            raise ModelError(f"LLM circuit open after {self.failures} failed calls; retrying after cooldown")
+            raise ModelUnavailable(
+                f"LLM circuit open after {self.failures} failed calls; retrying after cooldown"
+            )
 
     def record(self, ok: bool) -> None:
         if ok:
@@ -140,11 +145,14 @@ class LLMAnalyzer:
                         parsed = await self._ask(client, [texts[i][:MAX_CHARS] for i in todo])
         except RetryableReply as exc:
             self.breaker.record(False)
-            raise ModelError(
+            raise ModelUnavailable(
                 self._clean(f"LLM {self.provider} failed after {self.attempts} tries: {exc}")
             ) from None
-        except ModelError:
+        except ModelUnavailable:
             self.breaker.record(False)
+            raise
+        except ModelError:
+            self.breaker.record(True)  # the provider answered: it refused these texts, and is up
             raise
         self.breaker.record(True)
         for i, analysis in zip(todo, parsed, strict=True):
@@ -185,7 +193,16 @@ class LLMAnalyzer:
         if response.status_code == 429 or response.status_code >= 500:
             raise RetryableReply(f"HTTP {response.status_code}", _retry_after(response))
         if response.status_code in (401, 403):
-            raise ModelError(f"LLM {self.provider} rejected LLM_API_KEY (HTTP {response.status_code})")
+            raise ModelUnavailable(
+                f"LLM {self.provider} rejected LLM_API_KEY (HTTP {response.status_code}): check the key"
+            )
+        if response.status_code >= 400 and response.status_code not in _TEXT_REJECTED:
+            # A wrong LLM_MODEL or LLM_BASE_URL (404), a proxy's refusal: not the texts' fault.
+            raise ModelUnavailable(
+                self._clean(
+                    f"LLM {self.provider} answered HTTP {response.status_code}: {response.text[:200]}"
+                )
+            )
         if response.status_code >= 400:
             raise ModelError(
                 self._clean(
