@@ -1,6 +1,7 @@
 """Chaos run: real workers against throwaway Redis and PostgreSQL, SIGKILLed and SIGTERMed at random
 moments, both servers restarted once, then a drain and the invariants. Exits 1 if anything was lost,
-duplicated or left pending. Last line: one JSON object.
+duplicated or left pending, or if the dead-letter stream holds anything but the posts it publishes invalid
+on purpose. Last line: one JSON object.
 
   python scripts/chaos.py --quick                      # CI: ~2,000 posts, under two minutes
   python scripts/chaos.py --posts 100000 --kills 24    # the full run in docs/reliability.md"""
@@ -48,7 +49,11 @@ def main() -> int:
     )
     result = run_chaos(cfg)
     print(json.dumps(result))
-    return 0 if result["lost"] == result["duplicates"] == result["pending"] == 0 else 1
+    clean = (
+        result["lost"] == result["duplicates"] == result["pending"] == 0
+        and result["valid_dead_lettered"] == result["invalid_not_dead_lettered"] == 0
+    )
+    return 0 if clean else 1
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import attrs
 import psycopg
 import redis
 
+from .deadletter import decode
 from .synthetic import synthetic_posts
 from .throwaway import ThrowawayPostgres, ThrowawayRedis, make_workdir
 
@@ -48,6 +49,7 @@ class Publisher(threading.Thread):
         super().__init__(daemon=True)
         self.url, self.cfg = url, cfg
         self.published: list[str] = []
+        self.invalid: set[str] = set()  # post_ids published invalid on purpose
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -62,6 +64,7 @@ class Publisher(threading.Thread):
         for i, post in enumerate(posts):
             if self.cfg.invalid_every and i % self.cfg.invalid_every == 5:
                 post["created_at"] = "not a date"
+                self.invalid.add(post["post_id"])
         chunk = 100
         pause = self.cfg.duration_s * 0.7 / max(1, len(posts) / chunk)
         last_ms = 0
@@ -189,7 +192,7 @@ def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
         )
         if drain.returncode != 0:
             raise RuntimeError(f"the drain failed: {drain.stderr.decode()[-2000:]}")
-        return _check(rds.url, pg.url, publisher.published) | {
+        return _check(rds.url, pg.url, publisher.published, publisher.invalid) | {
             "kills": counts["kill"],
             "terms": counts["term"],
             "redis_restarts": counts["redis"],
@@ -204,10 +207,10 @@ def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
         pg.stop("immediate")
 
 
-def _check(redis_url: str, dsn: str, published: list[str]) -> dict[str, Any]:
+def _check(redis_url: str, dsn: str, published: list[str], invalid: set[str]) -> dict[str, Any]:
     client = redis.Redis.from_url(redis_url)
     letters: Any = client.xrange(f"{STREAM}:dead")
-    dead = Counter(fields.get(b"post_id", b"").decode() for _, fields in letters)
+    dead = Counter(decode(i.decode(), f).original.get(b"post_id", b"").decode() for i, f in letters)
     pending = int(client.xpending(STREAM, GROUP)["pending"])
     client.close()
     with psycopg.connect(dsn) as conn:
@@ -225,4 +228,9 @@ def _check(redis_url: str, dsn: str, published: list[str]) -> dict[str, Any]:
         "lost": sum(1 for p in ids if rows[p] + dead[p] == 0),
         "duplicates": sum(1 for p in ids if rows[p] + dead[p] > 1),
         "pending": pending,
+        # The dead-letter stream must hold exactly the posts published invalid: never a valid one that a
+        # kill or an outage pushed there.
+        "invalid_published": len(invalid),
+        "valid_dead_lettered": sum(1 for p in dead if p not in invalid),
+        "invalid_not_dead_lettered": sum(1 for p in invalid if dead[p] != 1),
     }

@@ -60,6 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument(
         "--flat", action="store_true", help="flat stream fields instead of one `data` JSON field"
     )
+    dead = sub.add_parser("deadletter", help="list, replay or purge the dead-letter stream")
+    dead_sub = dead.add_subparsers(dest="action", required=True)
+    listing = dead_sub.add_parser("list", help="one line per dead letter: id, entry, post, reason")
+    listing.add_argument("--reason", default="", help="only letters whose reason contains TEXT (any case)")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line, with the fields")
+    replay = dead_sub.add_parser(
+        "replay",
+        help="publish the original fields to the stream again, then remove the letter",
+        description="Publish each matching letter's original fields to its stream again (after fixing "
+        "the cause), removing the letter only after the XADD succeeded. Truncated copies are skipped.",
+    )
+    replay.add_argument("--reason", default="", help="only letters whose reason contains TEXT (any case)")
+    replay.add_argument("--dry-run", action="store_true", help="count what would be replayed; change nothing")
+    purge = dead_sub.add_parser("purge", help="delete dead letters with an ID below --before")
+    purge.add_argument("--before", required=True, metavar="ID", help="a dead-letter ID (ms-seq, or ms)")
     return parser
 
 
@@ -91,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("sentiment: produce needs a FILE or --count N", file=sys.stderr)
                 return 2
             run_produce(settings, path=args.file, count=args.count, seed=args.seed, flat=args.flat)
+        elif command == "deadletter":
+            trio.run(_deadletter, settings, args)
     except (SentimentError, BaseExceptionGroup) as exc:
         ours = _our_error(exc)
         if ours is None:
@@ -127,3 +144,24 @@ async def _analyze(settings: Settings, texts: list[str]) -> int:
     for text, result in zip(texts, results, strict=True):
         print(json.dumps({"text": text, **result.as_dict()}, ensure_ascii=False))
     return 0
+
+
+async def _deadletter(settings: Settings, args: argparse.Namespace) -> None:
+    import trio_asyncio
+
+    from . import deadletter
+    from .stream import RedisStream
+
+    async with trio_asyncio.open_loop(), RedisStream.open(settings) as stream:
+        if args.action == "list":
+            async for letter in deadletter.letters(stream, args.reason):
+                if args.json:
+                    print(json.dumps(letter.as_dict(), ensure_ascii=False))
+                else:
+                    note = " [truncated]" if letter.truncated else ""
+                    print(f"{letter.id}  {letter.entry_id}  {letter.post_id()}  {letter.reason}{note}")
+        elif args.action == "replay":
+            report = await deadletter.replay(stream, settings.stream, args.reason, dry_run=args.dry_run)
+            print(json.dumps(report.as_dict() | {"dry_run": args.dry_run}))
+        else:
+            print(json.dumps({"purged": await stream.trim_dead(args.before)}))

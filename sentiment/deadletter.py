@@ -20,7 +20,8 @@ Entries written before layout 2 (original fields beside `dead_reason`, `dead_ent
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Protocol
 
 import attrs
 
@@ -165,3 +166,56 @@ def decode(dead_id: str, fields: Mapping[bytes, bytes]) -> DeadEntry:
         number(b"dead_at_ms"),
         {k: v for k, v in fields.items() if k not in _LEGACY},
     )
+
+
+# -- the operator's commands: `python -m sentiment deadletter list|replay|purge` ---------------------------
+
+
+class DeadLetterStream(Protocol):
+    """What the commands need of the stream (RedisStream implements it)."""
+
+    async def dead_range(self, start: str, count: int) -> list[tuple[str, dict[bytes, bytes]]]: ...
+    async def publish(self, stream: str, fields: Mapping[bytes, bytes]) -> str: ...
+    async def remove_dead(self, ids: Sequence[str]) -> int: ...
+    async def trim_dead(self, before: str) -> int: ...
+
+
+async def letters(stream: DeadLetterStream, reason: str = "", page: int = 500) -> AsyncIterator[DeadEntry]:
+    """Every dead letter, oldest first; with `reason`, those whose reason contains it (any case)."""
+    start = "-"
+    while True:
+        rows = await stream.dead_range(start, page)
+        for dead_id, fields in rows:
+            entry = decode(dead_id, fields)
+            if reason.lower() in entry.reason.lower():
+                yield entry
+        if len(rows) < page:
+            return
+        start = f"({rows[-1][0]}"
+
+
+@attrs.frozen
+class ReplayReport:
+    replayed: int = 0
+    skipped_truncated: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return attrs.asdict(self)
+
+
+async def replay(
+    stream: DeadLetterStream, default_stream: str, reason: str = "", *, dry_run: bool = False
+) -> ReplayReport:
+    """Publish each matching letter's original fields to the stream it came from again, then remove the
+    letter: only after the XADD succeeded, so a failure in between leaves a copy in both (a post written
+    twice is absorbed by the store: one post, one analysis) and never in neither."""
+    replayed = skipped = 0
+    async for entry in letters(stream, reason):
+        if entry.truncated or not entry.original:
+            skipped += 1  # a partial copy is not the post: replaying it would publish a different one
+            continue
+        replayed += 1
+        if not dry_run:
+            await stream.publish(entry.stream or default_stream, entry.original)
+            await stream.remove_dead([entry.id])
+    return ReplayReport(replayed, skipped)

@@ -118,7 +118,9 @@ class Monitor:
             except SentimentError as exc:
                 p.redis.failed(exc)
             try:
-                await p.store.check_writable()  # answering is not enough: a revoked grant is not ready
+                # Once running, answering is not enough: a revoked grant is not ready. (Before, start-up
+                # itself waits for the schema and the grants, and says why.)
+                await (p.store.check_writable() if self.worker.prepared else p.store.ping())
                 p.postgres.succeeded()
             except SentimentError as exc:
                 p.postgres.failed(exc)

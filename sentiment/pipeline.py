@@ -73,6 +73,7 @@ class Worker:
         self._intake = (trio.CancelScope(), trio.CancelScope())
         self._commits: set[trio.CancelScope] = set()
         self._starting = trio.CancelScope()
+        self.prepared = False  # start-up checks passed: from here on the worker reads entries
         self._hard_stop = trio.CancelScope()
         self._deadline = math.inf  # set by stop(): when batches still in flight get cancelled
 
@@ -85,6 +86,7 @@ class Worker:
             await self.processor.prepare()
         if self._starting.cancelled_caught:
             return
+        self.prepared = True
         self.last_progress = time.monotonic()
         with self._hard_stop:
             async with trio.open_nursery() as nursery:

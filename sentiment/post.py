@@ -82,7 +82,8 @@ class Post:
             except json.JSONDecodeError as exc:
                 raise InvalidPost(f"field data is not valid JSON: {exc.msg} at position {exc.pos}") from None
             except ValueError as exc:  # e.g. an integer of more than 4,300 digits
-                raise InvalidPost(f"field data cannot be parsed: {exc}"[:MAX_REASON_CHARS]) from None
+                reason = str(exc).split(";")[0]  # not the hint that follows for Python programmers
+                raise InvalidPost(f"field data cannot be parsed: {reason}"[:MAX_REASON_CHARS]) from None
             except RecursionError:
                 raise InvalidPost("field data is nested too deeply") from None
             if not isinstance(obj, dict):

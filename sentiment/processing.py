@@ -22,7 +22,7 @@ import trio
 
 from .analysis.base import Analysis, Analyzer
 from .config import Settings
-from .errors import InvalidPost, ModelError, ModelUnavailable, StoreError
+from .errors import ConfigError, InvalidPost, ModelError, ModelUnavailable, StoreError
 from .post import Limits, Post
 from .retry import Service, retrying
 from .store import Record, Store
@@ -80,6 +80,8 @@ class Processor:
         await retrying(self.postgres, self.store.check_writable, max_wait=30.0)
         try:
             await self.analyzer.load()
+        except (ModelError, ConfigError):
+            raise  # already says what is wrong and what to do
         except Exception as exc:
             raise ModelError(f"the model could not be loaded: {exc}") from exc
 
@@ -134,21 +136,30 @@ class Processor:
 
     async def _analyse_alone(self, entry: Entry, dead: list[DeadLetter]) -> list[tuple[Post, Analysis | str]]:
         """An entry delivered more than MAX_DELIVERIES times (crashes, restarts, reclaims): analysed on
-        its own, with a mark in Redis that only the death of the process leaves behind."""
+        its own, with a mark in Redis that only the death of the process leaves behind. A remote model
+        (the LLM) cannot be killed by a text, and waiting on it can take long enough to be cut by a
+        deploy: it gets no mark."""
+        if not self.analyzer.in_process:
+            return await self._parse_and_analyse_alone(entry, dead)
         starts = await retrying(self.redis, self.stream.solo_started, entry.id)
         if starts > SOLO_CRASHES:
             reason = f"the worker died {starts - 1} times while analysing this entry on its own"
             dead.append(DeadLetter(entry, reason))
             return []
         try:
-            posts: list[Post] = []
-            self._parse(entry, posts, dead)
-            if not posts:
-                return []
-            return list(zip(posts, await self._analyse([posts[0].content]), strict=True))
+            return await self._parse_and_analyse_alone(entry, dead)
         finally:
             with trio.CancelScope(shield=True, deadline=trio.current_time() + FORGET_TIMEOUT_S):
                 await retrying(self.redis, self.stream.solo_finished, entry.id)
+
+    async def _parse_and_analyse_alone(
+        self, entry: Entry, dead: list[DeadLetter]
+    ) -> list[tuple[Post, Analysis | str]]:
+        posts: list[Post] = []
+        self._parse(entry, posts, dead)
+        if not posts:
+            return []
+        return list(zip(posts, await self._analyse([posts[0].content]), strict=True))
 
     async def _analyse(self, texts: list[str]) -> list[Analysis | str]:
         """Each text's analysis, or the error its text caused. An unavailable model (ModelUnavailable:
@@ -201,11 +212,16 @@ class Processor:
                     reason = f"post_id {record.post.post_id!r} is already stored with other content"
                     dead.append(DeadLetter(by_id[record.post.entry_id], reason))
             written = [r for r in written if r.post.entry_id not in conflicts]
-        tried: dict[str, str] = {}  # kept across retries: finds a copy whose reply was lost
-        await retrying(self.redis, self.stream.dead_letter, dead, tried)
-        done = [r.post.entry_id for r in written] + [e.id for e in repeats] + [d.entry.id for d in dead]
-        await retrying(self.redis, self.stream.ack, done)
+        stored = [r.post.entry_id for r in written] + [e.id for e in repeats]
+        await retrying(self.redis, self.stream.ack, stored)
+        if dead:
+            # Acked only once its copy is stored; `tried` is kept across retries to find a copy whose
+            # reply was lost.
+            tried: dict[str, str] = {}
+            await retrying(self.redis, self.stream.dead_letter, dead, tried)
+            await retrying(self.redis, self.stream.ack, [d.entry.id for d in dead])
         # Only a redelivered entry can have attempt counts to drop.
+        done = stored + [d.entry.id for d in dead]
         await retrying(self.redis, self.stream.forget, [i for i in done if by_id[i].deliveries > 1])
         for letter in dead:
             log.warning(
@@ -253,6 +269,9 @@ def _one_per_post(
         if seen.post.content == post.content:
             repeats.append(entry)
         else:
-            reason = f"post_id {post.post_id!r} came again in entry {seen.post.entry_id} with other content"
+            reason = (
+                f"post_id {post.post_id!r} was already used by entry {seen.post.entry_id} of the same "
+                "batch, with other content"
+            )
             dead.append(DeadLetter(entry, reason))
     return list(first.values()), repeats, dead

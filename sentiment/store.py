@@ -272,8 +272,8 @@ def _connect_or_create(dsn: str) -> psycopg.Connection[Any]:
             make_conninfo(dsn, dbname="postgres"), autocommit=True, connect_timeout=5
         ) as admin:
             admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(str(dbname))))
-    except psycopg.errors.DuplicateDatabase:
-        pass  # another worker created it first
+    except (psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
+        pass  # another worker created it first (a race PostgreSQL reports as either)
     except psycopg.errors.InsufficientPrivilege:
         raise ConfigError(
             f"database {dbname} does not exist and the role in DATABASE_URL may not create it: "
@@ -282,11 +282,26 @@ def _connect_or_create(dsn: str) -> psycopg.Connection[Any]:
     return psycopg.connect(dsn, autocommit=True, connect_timeout=5)
 
 
+def _schema_version(conn: psycopg.Connection[Any]) -> int | None:
+    """The applied schema version, or None when there is no schema_version table yet."""
+    row = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
+    if not row or not row[0]:
+        return None
+    version = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+    return int(version[0]) if version and version[0] is not None else None
+
+
 def _migrate(conn: psycopg.Connection[Any]) -> int:
     files = sorted(
         (f for f in resources.files("sentiment.migrations").iterdir() if f.name.endswith(".sql")),
         key=lambda f: f.name,
     )
+    latest = max(int(f.name.split("_", 1)[0]) for f in files)
+    current = _schema_version(conn)
+    if current is not None and current >= latest:
+        # Nothing to do, and nothing tried: a worker whose role may only read and write rows (the schema
+        # migrated by an administrator) must not fail on DDL it does not need.
+        return current
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
         conn.execute(

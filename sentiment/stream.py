@@ -244,7 +244,10 @@ class RedisStream:
         todo = [x for x in letters if x.entry.id not in landed]
         if not todo:
             return
-        top: Any = await self._call(self._redis.xrevrange, self.dead, "+", "-", count=1)
+        try:
+            top: Any = await self._call(self._redis.xrevrange, self.dead, "+", "-", count=1)
+        except StreamUnavailable as exc:
+            raise StreamUnavailable(f"cannot add to DEAD_LETTER_STREAM {self.dead!r}: {exc}") from exc
         top_ms, top_seq = id_key(_decode(top[0][0])) if top else (0, 0)
         now_ms = int(time.time() * 1000)
         # A random sequence part keeps workers that dead-letter in the same millisecond apart.

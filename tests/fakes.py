@@ -239,6 +239,7 @@ class FakeAnalyzer:
         self.delay = delay
         self.calls: list[list[str]] = []
         self.loaded = True
+        self.in_process = True
 
     async def load(self) -> None:
         return None

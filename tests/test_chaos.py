@@ -29,5 +29,7 @@ def test_quick_chaos_run_loses_nothing() -> None:
     assert figures["published"] == 2000
     assert figures["lost"] == figures["duplicates"] == figures["pending"] == 0
     assert figures["rows"] + figures["dead_lettered"] == 2000
-    assert figures["dead_lettered"] > 0  # the invalid posts it publishes on purpose
+    # Exactly the posts it publishes invalid on purpose, and nothing that kills and outages touched.
+    assert figures["dead_lettered"] == figures["invalid_published"] > 0
+    assert figures["valid_dead_lettered"] == figures["invalid_not_dead_lettered"] == 0
     assert figures["kills"] >= 3 and figures["redis_restarts"] == 1 and figures["postgres_restarts"] == 1

@@ -17,6 +17,7 @@ import trio
 import trio_asyncio
 
 from sentiment.config import Settings
+from sentiment.deadletter import decode
 from sentiment.errors import StreamUnavailable
 from sentiment.pipeline import Worker
 from sentiment.reclaim import reclaim
@@ -196,9 +197,10 @@ async def test_one_failing_text_is_isolated_then_dead_lettered(settings: Setting
         with trio.fail_after(60):
             await worker.run(drain=True)
     assert rows(settings.database_url) == 9
-    [(_, fields)] = rds.xrange(settings.dead_letter)
-    assert fields[b"post_id"] == b"poison" and fields[b"dead_deliveries"] == b"2"
-    assert fields[b"dead_reason"].startswith(b"analysis failed 2 times: ModelError: poisoned text")
+    [(dead_id, fields)] = rds.xrange(settings.dead_letter)
+    letter = decode(dead_id.decode(), fields)
+    assert letter.original[b"post_id"] == b"poison" and letter.deliveries == 2
+    assert letter.reason.startswith("analysis failed 2 times: ModelError: poisoned text")
     assert worker.totals.retried == 1
 
 

@@ -56,15 +56,19 @@ async def test_metrics_move_and_readiness_follows_the_model(settings: Settings, 
         with trio.fail_after(30):
             async with trio.open_nursery() as nursery:
                 port = await nursery.start(serve_monitor, worker, 0)
-                await nursery.start(worker.run)
-                assert (await get(port, "/readyz")).status_code == 503
-                assert "model" in (await get(port, "/readyz")).text
-                assert (await get(port, "/healthz")).status_code == 200
-                before = (await get(port, "/metrics")).text
-                assert counter(before, "sentiment_posts_total", "written") == 0
                 for i in range(7):
                     rds.xadd(settings.stream, {"post_id": f"m{i}", "content": "nice"})
                 rds.xadd(settings.stream, {"content": "no id"})
+                nursery.start_soon(worker.run)
+                while not (await get(port, "/readyz")).text.startswith("not ready: model"):  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+                assert (await get(port, "/readyz")).status_code == 503
+                assert (await get(port, "/healthz")).status_code == 200
+                before = (await get(port, "/metrics")).text
+                assert counter(before, "sentiment_posts_total", "written") == 0
+                await trio.sleep(0.5)
+                # A worker that cannot analyse yet reads nothing: no delivery is spent on it.
+                assert rds.xinfo_groups(settings.stream)[0]["entries-read"] is None
                 analyzer.may_load.set()
                 while rows(settings.database_url) < 7:  # noqa: ASYNC110 - polling PostgreSQL
                     await trio.sleep(0.05)

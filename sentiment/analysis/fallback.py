@@ -22,6 +22,10 @@ class FallbackAnalyzer:
     def loaded(self) -> bool:
         return self.primary.loaded or self._primary_broken
 
+    @property
+    def in_process(self) -> bool:
+        return self.primary.in_process and not self._primary_broken
+
     async def load(self) -> None:
         try:
             await self.primary.load()

@@ -90,6 +90,7 @@ def _wait(state: tenacity.RetryCallState) -> float:
 
 class LLMAnalyzer:
     loaded = True
+    in_process = False  # the texts are analysed by the provider: none can kill this process
 
     def __init__(
         self,

@@ -35,6 +35,7 @@ class LocalAnalyzer:
         self.streams = streams
         self._pool: ThreadPoolExecutor | None = None
         self._loaded = False
+        self.in_process = True
         # One batch at a time: `predict` spreads a batch over every stream it has.
         self._limiter = trio.CapacityLimiter(1)
         self._load_lock = trio.Lock()

@@ -10,6 +10,7 @@ from .base import Analysis, empty_result
 class NoopAnalyzer:
     name = "noop"
     loaded = True
+    in_process = True
 
     def __init__(self) -> None:
         self._result: Analysis = empty_result(self.name)

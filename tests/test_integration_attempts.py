@@ -1,0 +1,225 @@
+"""Attempts, not deliveries, decide the dead-letter stream: real worker processes on the real Redis and
+PostgreSQL, crashed by the environment again and again, never dead-letter a valid post."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+import redis
+from psycopg.conninfo import conninfo_to_dict
+
+from sentiment.config import Settings
+from sentiment.processing import SOLO_CRASHES
+from sentiment.throwaway import free_port
+
+from .conftest import ROOT, rows, run_cli, worker_env
+from .llm_server import Reply, llm_server
+from .test_integration_deadletter import drain, wait_for
+from .test_integration_hostile import dead_letters
+
+pytestmark = pytest.mark.integration
+
+MAX_DELIVERIES = 2
+
+
+def deliveries(rds: redis.Redis, settings: Settings) -> dict[str, int]:
+    pending = rds.xpending_range(settings.stream, settings.group, "-", "+", 1000)
+    return {p["message_id"].decode(): int(p["times_delivered"]) for p in pending}
+
+
+def start(env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "sentiment", "run"],
+        cwd=ROOT / "tests",
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def readyz(port: int) -> httpx.Response | None:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1)
+    except httpx.TransportError:
+        return None
+
+
+@pytest.fixture
+def reader_role(pg_dsn: str) -> Iterator[tuple[str, str, str]]:
+    """A role that may read the tables and not write them: the DSN of the test schema, as that role."""
+    role = f"r_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+    options = conninfo_to_dict(pg_dsn)["options"]
+    schema = str(options).split("=", 1)[1]
+    yield pg_dsn.replace("//postgres@", f"//{role}@"), role, schema
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f"DROP OWNED BY {role}")
+        conn.execute(f"DROP ROLE {role}")
+
+
+def test_crashes_caused_by_the_environment_never_dead_letter_a_post(
+    settings: Settings, rds: redis.Redis, reader_role: tuple[str, str, str]
+) -> None:
+    ids = [
+        rds.xadd(settings.stream, {"post_id": f"p{i}", "content": f"post {i}"}).decode() for i in range(20)
+    ]
+    base = {
+        "MAX_DELIVERIES": str(MAX_DELIVERIES),
+        "CLAIM_MIN_IDLE_MS": "300",
+        "RECLAIM_INTERVAL_MS": "100",
+        "BATCH_SIZE": "10",
+    }
+    with llm_server() as (url, script):
+        # The provider hangs: whichever worker reads a batch is killed in the middle of it.
+        script.replies.extend([Reply(delay=30)] * 100)
+        hanging = worker_env(
+            settings,
+            **base,
+            MODEL_TYPE="llm",
+            LLM_PROVIDER="openai",
+            LLM_API_KEY="k",
+            LLM_BASE_URL=url,
+        )
+        for kill in range(MAX_DELIVERIES + 2):
+            asked = len(script.requests)
+            # A fixed CONSUMER_NAME re-reads its own pending entries; new names take them by reclaim.
+            proc = start(hanging | {"CONSUMER_NAME": "fixed" if kill % 2 == 0 else f"new-{kill}"})
+            wait_for(lambda: len(script.requests) > asked, "a batch in the model")  # noqa: B023
+            proc.kill()
+            proc.communicate()
+            time.sleep(0.4)  # idle past CLAIM_MIN_IDLE_MS
+    before = deliveries(rds, settings)
+    assert max(before.values()) > MAX_DELIVERIES + 1, before
+
+    # A model that cannot load: the worker says so and exits before reading anything.
+    broken = worker_env(
+        settings,
+        **base,
+        MODEL_TYPE="transformers",
+        SENTIMENT_MODEL="/nonexistent/model",
+        HF_HUB_OFFLINE="1",
+        CONSUMER_NAME="fixed",
+    )
+    result = run_cli(["-m", "sentiment", "run"], broken)
+    assert result.returncode == 1 and "'/nonexistent/model' is not in a local folder" in result.stderr
+    assert deliveries(rds, settings) == before
+
+    # PostgreSQL refuses the writes (no INSERT grant): the worker waits, says why, reads nothing.
+    dsn, role, schema = reader_role
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        conn.execute(f"GRANT USAGE ON SCHEMA {schema} TO {role}")
+        conn.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {role}")
+    port = free_port()
+    proc = start(
+        worker_env(settings, **base, DATABASE_URL=dsn, METRICS_PORT=str(port), CONSUMER_NAME="fixed")
+    )
+    try:
+        wait_for(lambda: (r := readyz(port)) is not None and "lacks INSERT" in r.text, "readyz to say why")
+        response = readyz(port)
+        assert response is not None and response.status_code == 503
+        time.sleep(1.0)
+        assert proc.poll() is None, "a missing grant is waited out, not a crash loop"
+        assert deliveries(rds, settings) == before
+    finally:
+        proc.kill()
+        _, err = proc.communicate(timeout=30)
+    assert sum("lacks INSERT" in line for line in err.splitlines()) == 1, err  # one line, not one per try
+
+    # A healthy worker: every post written, nothing dead-lettered, nothing pending.
+    drain(settings, **base | {"CLAIM_MIN_IDLE_MS": "100"})
+    assert rows(settings.database_url) == 20
+    assert rds.xlen(settings.dead_letter) == 0
+    assert rds.xpending(settings.stream, settings.group)["pending"] == 0
+    with psycopg.connect(settings.database_url) as conn:
+        stored = {r[0] for r in conn.execute("SELECT stream_entry_id FROM sentiment_analysis")}
+    assert stored == set(ids)
+
+
+def test_an_llm_outage_or_a_bad_key_is_waited_out_not_dead_lettered(
+    settings: Settings, rds: redis.Redis
+) -> None:
+    for i in range(5):
+        rds.xadd(settings.stream, {"post_id": f"l{i}", "content": f"post {i}"})
+    port = free_port()
+    with llm_server() as (url, script):
+        script.replies.extend([Reply(status=401, body='{"error": "bad key"}')] * 2)
+        script.replies.extend([Reply(status=503)] * 4)  # then down: 5xx after retries, the circuit opens
+        env = worker_env(
+            settings,
+            MODEL_TYPE="llm",
+            LLM_PROVIDER="openai",
+            LLM_API_KEY="sk-secret-key",
+            LLM_BASE_URL=url,
+            MAX_DELIVERIES="1",
+            CLAIM_MIN_IDLE_MS="200",
+            RECLAIM_INTERVAL_MS="100",
+            METRICS_PORT=str(port),
+        )
+        proc = start(env)
+        try:
+            wait_for(lambda: (r := readyz(port)) is not None and "LLM_API_KEY" in r.text, "readyz: the key")
+            wait_for(lambda: not script.replies, "the outage to pass", timeout=120)
+            wait_for(lambda: rows(settings.database_url) == 5, "the rows once the provider is back", 120)
+            assert proc.poll() is None
+            assert rds.xlen(settings.dead_letter) == 0
+        finally:
+            proc.terminate()
+            _, err = proc.communicate(timeout=60)
+    assert "sk-secret-key" not in err
+    assert sum("rejected LLM_API_KEY" in line for line in err.splitlines()) == 1, err
+
+
+KILLER_HOOK = """
+import os, signal
+from sentiment.analysis import noop
+
+_analyze = noop.NoopAnalyzer.analyze
+
+async def analyze(self, texts):
+    if any("KILLER" in t for t in texts):
+        os.kill(os.getpid(), signal.SIGSEGV)  # the model dies on this text, taking the process with it
+    return await _analyze(self, texts)
+
+noop.NoopAnalyzer.analyze = analyze
+"""
+
+
+def test_a_post_that_kills_the_process_is_dead_lettered_after_a_bounded_number_of_crashes(
+    settings: Settings, rds: redis.Redis, tmp_path: Path
+) -> None:
+    (tmp_path / "sitecustomize.py").write_text(KILLER_HOOK)
+    for i in range(9):
+        rds.xadd(settings.stream, {"post_id": f"ok{i}", "content": f"post {i}"})
+    killer = rds.xadd(settings.stream, {"post_id": "killer", "content": "KILLER text"}).decode()
+    env = worker_env(
+        settings,
+        MAX_DELIVERIES=str(MAX_DELIVERIES),
+        CLAIM_MIN_IDLE_MS="100",
+        RECLAIM_INTERVAL_MS="100",
+        PYTHONPATH=f"{tmp_path}:{ROOT}",
+    )
+    crashes = 0
+    for _ in range(MAX_DELIVERIES + SOLO_CRASHES + 2):
+        result = run_cli(["-m", "sentiment", "run", "--drain"], env)
+        if result.returncode == 0:
+            break
+        assert result.returncode == -signal.SIGSEGV, result.stderr[-2000:]
+        crashes += 1
+        time.sleep(0.2)  # idle past CLAIM_MIN_IDLE_MS
+    assert result.returncode == 0
+    assert crashes == MAX_DELIVERIES + SOLO_CRASHES  # the bound the README states
+    [letter] = dead_letters(rds, settings.dead_letter).values()
+    assert letter.entry_id == killer
+    assert letter.reason == f"the worker died {SOLO_CRASHES} times while analysing this entry on its own"
+    assert rows(settings.database_url) == 9
+    assert rds.xpending(settings.stream, settings.group)["pending"] == 0
