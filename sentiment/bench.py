@@ -247,7 +247,6 @@ def bench_workers(k: int, n: int, redis_url: str, database_url: str, batch_size:
         "REDIS_STREAM_NAME": stream,
         "METRICS_PORT": "0",
         "INFERENCE_THREADS": str(threads),
-        "MODEL_EAGER": "1",
         "BATCH_SIZE": str(batch_size),
         "LOG_LEVEL": "WARNING",
     }

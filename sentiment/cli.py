@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument(
         "--flat", action="store_true", help="flat stream fields instead of one `data` JSON field"
     )
+    again = sub.add_parser(
+        "reanalyze",
+        help="analyse stored posts again with the configured model (the old rows move to history)",
+    )
+    again.add_argument("--from-model", default=None, metavar="NAME", help="only posts analysed by NAME")
+    again.add_argument("--limit", type=int, default=0, help="at most N posts (default: all)")
+    again.add_argument("--dry-run", action="store_true", help="count the posts; change nothing")
     dead = sub.add_parser("deadletter", help="list, replay or purge the dead-letter stream")
     dead_sub = dead.add_subparsers(dest="action", required=True)
     listing = dead_sub.add_parser("list", help="one line per dead letter: id, entry, post, reason")
@@ -106,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("sentiment: produce needs a FILE or --count N", file=sys.stderr)
                 return 2
             run_produce(settings, path=args.file, count=args.count, seed=args.seed, flat=args.flat)
+        elif command == "reanalyze":
+            trio.run(_reanalyze, settings, args)
         elif command == "deadletter":
             trio.run(_deadletter, settings, args)
     except (SentimentError, BaseExceptionGroup) as exc:
@@ -146,7 +155,29 @@ async def _analyze(settings: Settings, texts: list[str]) -> int:
     return 0
 
 
+async def _reanalyze(settings: Settings, args: argparse.Namespace) -> None:
+    from .analysis import build_analyzer
+    from .reanalyze import reanalyze
+    from .store import PostgresStore
+
+    store = PostgresStore(settings.database_url)
+    try:
+        report = await reanalyze(
+            store,
+            build_analyzer(settings),
+            only_model=args.from_model,
+            limit=args.limit,
+            batch=settings.batch_size,
+            dry_run=args.dry_run,
+        )
+    finally:
+        await store.aclose()
+    print(json.dumps(report.as_dict()))
+
+
 async def _deadletter(settings: Settings, args: argparse.Namespace) -> None:
+    from contextlib import aclosing
+
     import trio_asyncio
 
     from . import deadletter
@@ -154,12 +185,13 @@ async def _deadletter(settings: Settings, args: argparse.Namespace) -> None:
 
     async with trio_asyncio.open_loop(), RedisStream.open(settings) as stream:
         if args.action == "list":
-            async for letter in deadletter.letters(stream, args.reason):
-                if args.json:
-                    print(json.dumps(letter.as_dict(), ensure_ascii=False))
-                else:
-                    note = " [truncated]" if letter.truncated else ""
-                    print(f"{letter.id}  {letter.entry_id}  {letter.post_id()}  {letter.reason}{note}")
+            async with aclosing(deadletter.letters(stream, args.reason)) as found:
+                async for letter in found:
+                    if args.json:
+                        print(json.dumps(letter.as_dict(), ensure_ascii=False))
+                    else:
+                        note = " [truncated]" if letter.truncated else ""
+                        print(f"{letter.id}  {letter.entry_id}  {letter.post_id()}  {letter.reason}{note}")
         elif args.action == "replay":
             report = await deadletter.replay(stream, settings.stream, args.reason, dry_run=args.dry_run)
             print(json.dumps(report.as_dict() | {"dry_run": args.dry_run}))

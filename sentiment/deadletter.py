@@ -20,7 +20,8 @@ Entries written before layout 2 (original fields beside `dead_reason`, `dead_ent
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from contextlib import aclosing
 from typing import Protocol
 
 import attrs
@@ -180,7 +181,9 @@ class DeadLetterStream(Protocol):
     async def trim_dead(self, before: str) -> int: ...
 
 
-async def letters(stream: DeadLetterStream, reason: str = "", page: int = 500) -> AsyncIterator[DeadEntry]:
+async def letters(
+    stream: DeadLetterStream, reason: str = "", page: int = 500
+) -> AsyncGenerator[DeadEntry, None]:
     """Every dead letter, oldest first; with `reason`, those whose reason contains it (any case)."""
     start = "-"
     while True:
@@ -210,12 +213,13 @@ async def replay(
     letter: only after the XADD succeeded, so a failure in between leaves a copy in both (a post written
     twice is absorbed by the store: one post, one analysis) and never in neither."""
     replayed = skipped = 0
-    async for entry in letters(stream, reason):
-        if entry.truncated or not entry.original:
-            skipped += 1  # a partial copy is not the post: replaying it would publish a different one
-            continue
-        replayed += 1
-        if not dry_run:
-            await stream.publish(entry.stream or default_stream, entry.original)
-            await stream.remove_dead([entry.id])
+    async with aclosing(letters(stream, reason)) as found:
+        async for entry in found:
+            if entry.truncated or not entry.original:
+                skipped += 1  # a partial copy is not the post: replaying it would publish another one
+                continue
+            replayed += 1
+            if not dry_run:
+                await stream.publish(entry.stream or default_stream, entry.original)
+                await stream.remove_dead([entry.id])
     return ReplayReport(replayed, skipped)

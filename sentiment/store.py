@@ -134,6 +134,23 @@ SELECT i.post_id, i.sentiment, i.sentiment_score, i.emotion, i.emotion_score, i.
 FROM incoming i JOIN social_media_posts p ON p.post_id = i.post_id AND p.content = i.content
 ON CONFLICT (post_id) DO NOTHING
 """
+# `sentiment reanalyze`: the replaced analysis moves to the history table, the new one becomes current.
+_MOVE_TO_HISTORY = """
+INSERT INTO sentiment_analysis_history
+    (id, post_id, sentiment, sentiment_score, emotion, emotion_score, scores, model, analyzed_at,
+     stream_entry_id)
+SELECT a.id, a.post_id, a.sentiment, a.sentiment_score, a.emotion, a.emotion_score, a.scores, a.model,
+       a.analyzed_at, a.stream_entry_id
+FROM sentiment_analysis a JOIN incoming i USING (post_id)
+"""
+_DELETE_REPLACED = "DELETE FROM sentiment_analysis a USING incoming i WHERE a.post_id = i.post_id"
+_ANALYSED_BY_OTHERS = """
+SELECT p.post_id, p.source, p.content, p.author, p.created_at, a.stream_entry_id
+FROM sentiment_analysis a JOIN social_media_posts p USING (post_id)
+WHERE a.model <> %(current)s AND (%(only)s::text IS NULL OR a.model = %(only)s) AND a.post_id > %(after)s
+ORDER BY a.post_id
+LIMIT %(limit)s
+"""
 _WRITABLE = """
 SELECT has_table_privilege('social_media_posts', 'INSERT'),
        has_table_privilege('sentiment_analysis', 'INSERT'),
@@ -222,10 +239,32 @@ class PostgresStore:
     async def write(self, records: Sequence[Record]) -> WriteResult:
         if not records:
             return WriteResult(0, 0)
-        result: WriteResult = await self._run(self._write, [r.row for r in records])
+        result: WriteResult = await self._run(self._write, [r.row for r in records], False)
         return result
 
-    def _write(self, conn: psycopg.Connection[Any], rows: list[tuple[Any, ...]]) -> WriteResult:
+    async def analysed_by_others(self, current: str, only: str | None, after: str, limit: int) -> list[Post]:
+        """Posts whose current analysis another model made (only `only`, if given), by post_id."""
+
+        def query(conn: psycopg.Connection[Any]) -> list[Post]:
+            params = {"current": current, "only": only, "after": after, "limit": limit}
+            return [
+                Post(entry_id=r[5], post_id=r[0], source=r[1], content=r[2], author=r[3], created_at=r[4])
+                for r in conn.execute(_ANALYSED_BY_OTHERS, params).fetchall()
+            ]
+
+        posts: list[Post] = await self._run(query)
+        return posts
+
+    async def replace(self, records: Sequence[Record]) -> int:
+        """Make these analyses the current ones; the ones they replace move to the history table."""
+        if not records:
+            return 0
+        result: WriteResult = await self._run(self._write, [r.row for r in records], True)
+        return result.analyses_inserted
+
+    def _write(
+        self, conn: psycopg.Connection[Any], rows: list[tuple[Any, ...]], replace: bool
+    ) -> WriteResult:
         if not self._has_temp:
             conn.execute(_TEMP_TABLE)  # outside the batch transaction, so a rollback cannot drop it
             self._has_temp = True
@@ -242,6 +281,9 @@ class PostgresStore:
                 raise StoreError(f"a row cannot be encoded: {type(exc).__name__}: {exc}"[:300]) from exc
             cur.execute(_INSERT_POSTS)
             posts = cur.rowcount
+            if replace:
+                cur.execute(_MOVE_TO_HISTORY)
+                cur.execute(_DELETE_REPLACED)
             conflicts = tuple(r[0] for r in cur.execute(_CONFLICTS).fetchall())
             cur.execute(_INSERT_ANALYSES)
             return WriteResult(posts, cur.rowcount, conflicts)

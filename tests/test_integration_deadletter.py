@@ -194,6 +194,12 @@ def test_one_post_one_current_analysis(settings: Settings, rds: redis.Redis) -> 
     ]
     assert rds.xpending(settings.stream, settings.group)["pending"] == 0
 
+    # Moving posts to another model is an explicit operation; the replaced row is kept in the history.
+    again = run_cli(["-m", "sentiment", "reanalyze"], worker_env(settings))
+    assert json.loads(again.stdout) == {"model": "noop", "reanalysed": 1, "dry_run": False}, again.stderr
+    assert rows(settings.database_url, "SELECT count(*) FROM sentiment_analysis WHERE model = 'noop'") == 3
+    assert rows(settings.database_url, "SELECT count(*) FROM sentiment_analysis_history") == 1
+
 
 def test_migration_keeps_every_row_and_leaves_one_current(pg_dsn: str) -> None:
     """A database from before (several rows per post, one per model) moves to one current analysis."""

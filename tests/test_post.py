@@ -115,3 +115,40 @@ def test_any_json_object_parses_or_fails_with_a_reason(obj: dict[str, object]) -
         parse({b"data": json.dumps(obj).encode()})
     except InvalidPost as exc:
         assert exc.reason
+
+
+@pytest.mark.parametrize("field", ["content", "post_id", "author", "source"])
+def test_a_lone_surrogate_in_any_text_field_is_a_reason_not_a_crash(field: str) -> None:
+    data = json.dumps({"post_id": "1", "content": "ok"} | {field: "bad \ud800 text"}).encode()
+    with pytest.raises(InvalidPost, match=rf"{field} holds a lone surrogate \(\\ud800\) at character 4"):
+        parse({b"data": data})
+
+
+def test_a_huge_json_integer_is_a_reason() -> None:
+    with pytest.raises(InvalidPost, match=r"^field data cannot be parsed: Exceeds the limit \(4300 digits\)"):
+        parse({b"data": b'{"post_id": ' + b"9" * 5000 + b', "content": "x"}'})
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [  # every value is invalid UTF-8: the bounds speak first
+        ({f"f{i}".encode(): b"\xff" for i in range(5)}, "entry has 5 fields, over the limit of 4"),
+        ({b"n" * 20: b"\xff"}, "entry has a field name of 20 bytes, over the limit of 16"),
+        ({b"content": b"\xff" * 2000}, "entry is 2007 bytes, over the limit of 1024"),
+    ],
+)
+def test_raw_bounds_come_before_any_decoding(fields: dict[bytes, bytes], reason: str) -> None:
+    limits = Limits(entry_bytes=1024, fields=4, field_name_bytes=16)
+    with pytest.raises(InvalidPost, match=f"^{reason}$"):
+        Post.from_fields(ENTRY, fields, limits)
+
+
+def test_an_unforeseen_error_of_one_entry_is_that_entrys_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    def explode(*_: object) -> None:
+        raise LookupError("something nobody foresaw")
+
+    monkeypatch.setattr("sentiment.post._created_at", explode)
+    with pytest.raises(
+        InvalidPost, match=r"^cannot be read as a post: LookupError: something nobody foresaw$"
+    ):
+        parse({b"post_id": b"1", b"content": b"x"})
