@@ -7,7 +7,7 @@ import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import attrs
 
@@ -16,23 +16,36 @@ from .errors import ConfigError
 T = TypeVar("T")
 
 MODEL_TYPES = ("embedded", "transformers", "llm", "noop")
+# Names the original service's documentation used: its `.env` must keep working unchanged.
+MODEL_TYPE_ALIASES = {"local": "embedded"}
 LLM_PROVIDERS = ("", "groq", "openai", "anthropic")
 LOG_FORMATS = ("text", "json")
 
 
+# Query parameters that carry a secret (libpq's `password`, `sslpassword`; redis-py's `password`).
+_SECRET_PARAMS = frozenset({"password", "sslpassword", "pass", "pwd"})
+
+
 def mask_url(url: str) -> str:
-    """The URL with its password replaced by `***`, for logs and error messages."""
+    """The URL with its password replaced by `***` (in the user-info part and in query parameters), for
+    logs, error messages and `stats`."""
     try:
         parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
         return "<unparseable URL>"
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    if parts.password is not None:
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    if parts.query:
+        query = "&".join(
+            f"{p.split('=', 1)[0]}=***" if unquote(p.split("=", 1)[0]).lower() in _SECRET_PARAMS else p
+            for p in parts.query.split("&")
+        )
+        parts = parts._replace(query=query)
+    return urlunsplit(parts)
 
 
 @attrs.frozen(repr=False)
@@ -49,6 +62,7 @@ class Settings:
     max_deliveries: int = 5
     dead_letter_stream: str = ""
     shutdown_grace_s: float = 10.0
+    stuck_batch_s: float = 300.0  # a batch whose write and ack take longer releases its leases
     max_content_bytes: int = 100_000
     # Bounds on the raw entry, checked before anything is decoded or parsed.
     max_entry_bytes: int = 1_000_000
@@ -124,6 +138,7 @@ class Settings:
             max_deliveries=r.integer("MAX_DELIVERIES", d.max_deliveries, 1, 1000),
             dead_letter_stream=r.text("DEAD_LETTER_STREAM", f"{stream}:dead"),
             shutdown_grace_s=r.number("SHUTDOWN_GRACE_S", d.shutdown_grace_s, 0.0, 3600.0),
+            stuck_batch_s=r.number("STUCK_BATCH_S", d.stuck_batch_s, 0.1, 86400.0),
             max_content_bytes=r.integer("MAX_CONTENT_BYTES", d.max_content_bytes, 1, 100_000_000),
             max_entry_bytes=r.integer("MAX_ENTRY_BYTES", d.max_entry_bytes, 1024, 512_000_000),
             max_entry_fields=r.integer("MAX_ENTRY_FIELDS", d.max_entry_fields, 1, 100_000),
@@ -131,7 +146,7 @@ class Settings:
             dead_letter_max_bytes=r.integer(
                 "DEAD_LETTER_MAX_BYTES", d.dead_letter_max_bytes, 1024, 512_000_000
             ),
-            model_type=r.choice("MODEL_TYPE", d.model_type, MODEL_TYPES),
+            model_type=r.choice("MODEL_TYPE", d.model_type, MODEL_TYPES, MODEL_TYPE_ALIASES),
             quantize=r.flag("MODEL_QUANTIZE", d.quantize),
             inference_threads=r.integer("INFERENCE_THREADS", d.inference_threads, 0, 256),
             sentiment_model=r.text("SENTIMENT_MODEL", d.sentiment_model),
@@ -146,10 +161,10 @@ class Settings:
             log_format=r.choice("LOG_FORMAT", d.log_format, LOG_FORMATS),
             stream_retention_s=r.integer("STREAM_RETENTION", d.stream_retention_s, 0, 10**9),
         )
-        if settings.dead_letter == settings.stream:
+        if settings.dead_letter in (settings.stream, settings.attempts_key):
             raise ConfigError(
-                f"DEAD_LETTER_STREAM must differ from REDIS_STREAM_NAME ({stream}): dead letters would be "
-                "read again as posts"
+                f"DEAD_LETTER_STREAM must differ from REDIS_STREAM_NAME ({stream}) and from the attempts "
+                f"key ({settings.attempts_key})"
             )
         return settings
 
@@ -214,11 +229,20 @@ class _Reader:
 
         return self._parsed(name, default, parse, "one of 1/0, true/false, yes/no, on/off")
 
-    def choice(self, name: str, default: str, allowed: tuple[str, ...], *, upper: bool = False) -> str:
+    def choice(
+        self,
+        name: str,
+        default: str,
+        allowed: tuple[str, ...],
+        aliases: Mapping[str, str] | None = None,
+        *,
+        upper: bool = False,
+    ) -> str:
         value = self._get(name)
         if value is None:
             return default
         value = value.upper() if upper else value.lower()
+        value = (aliases or {}).get(value, value)
         if value not in allowed:
             raise ConfigError(f"{name} must be one of {', '.join(a for a in allowed if a)}, got {value!r}")
         return value

@@ -175,7 +175,8 @@ def decode(dead_id: str, fields: Mapping[bytes, bytes]) -> DeadEntry:
 class DeadLetterStream(Protocol):
     """What the commands need of the stream (RedisStream implements it)."""
 
-    async def dead_range(self, start: str, count: int) -> list[tuple[str, dict[bytes, bytes]]]: ...
+    async def last_dead_id(self) -> str: ...
+    async def dead_range(self, start: str, end: str, count: int) -> list[tuple[str, dict[bytes, bytes]]]: ...
     async def publish(self, stream: str, fields: Mapping[bytes, bytes]) -> str: ...
     async def remove_dead(self, ids: Sequence[str]) -> int: ...
     async def trim_dead(self, before: str) -> int: ...
@@ -184,10 +185,12 @@ class DeadLetterStream(Protocol):
 async def letters(
     stream: DeadLetterStream, reason: str = "", page: int = 500
 ) -> AsyncGenerator[DeadEntry, None]:
-    """Every dead letter, oldest first; with `reason`, those whose reason contains it (any case)."""
-    start = "-"
+    """Every dead letter there is now, oldest first; with `reason`, those whose reason contains it (any
+    case). Letters added meanwhile are left out: a replay whose posts running workers dead-letter again
+    must end, not chase its own tail."""
+    start, end = "-", await stream.last_dead_id()
     while True:
-        rows = await stream.dead_range(start, page)
+        rows = await stream.dead_range(start, end, page)
         for dead_id, fields in rows:
             entry = decode(dead_id, fields)
             if reason.lower() in entry.reason.lower():

@@ -70,10 +70,18 @@ class Monitor:
         self.metrics = Metrics(self.registry)
         worker.on_commit.append(self.metrics.on_commit)
         p = worker.processor
-        self.metrics.redis_up.set(1)
-        self.metrics.postgres_up.set(1)
-        p.redis.on_change = lambda up: self.metrics.redis_up.set(int(up))
-        p.postgres.on_change = lambda up: self.metrics.postgres_up.set(int(up))
+        # What the probes below last found, by service: "" when it answered. Kept apart from the
+        # pipeline's own view (p.redis, p.postgres, set by its real operations and logged once per
+        # outage), so a probe that succeeds never declares "back" a service the pipeline still fails on.
+        self.probes = {"redis": "", "postgres": ""}
+        self._show_up()
+        p.redis.on_change = lambda _up: self._show_up()
+        p.postgres.on_change = lambda _up: self._show_up()
+
+    def _show_up(self) -> None:
+        p = self.worker.processor
+        self.metrics.redis_up.set(int(p.redis.up and not self.probes["redis"]))
+        self.metrics.postgres_up.set(int(p.postgres.up and not self.probes["postgres"]))
 
     def ready(self) -> tuple[bool, str]:
         p = self.worker.processor
@@ -81,10 +89,19 @@ class Monitor:
         for name, service in (("model", p.model), ("redis", p.redis), ("postgres", p.postgres)):
             if not service.up:
                 missing.append(f"{name}: {service.reason}")
+            elif self.probes.get(name):
+                missing.append(f"{name}: {self.probes[name]}")
         return not missing, "ready" if not missing else "not ready: " + "; ".join(missing)
 
     def healthy(self) -> tuple[bool, str]:
         w, p = self.worker, self.worker.processor
+        stuck = w.stuck()
+        if stuck:
+            entries = stuck[0].entries
+            return False, (
+                f"stuck: a batch of {len(entries)} entries ({entries[0].id} … {entries[-1].id}) has been "
+                f"writing and acking for {stuck[1]:.0f} s; its leases are released"
+            )
         idle = time.monotonic() - w.last_progress
         if w.inflight and p.redis.up and p.postgres.up and idle > STALL_AFTER_S:
             return False, f"stalled: {len(w.inflight)} entries in flight, no commit for {idle:.0f} s"
@@ -114,16 +131,17 @@ class Monitor:
                 info = await p.stream.group_info()
                 self.metrics.lag.set(info.get("lag") or 0)
                 self.metrics.pending.set(info.get("pending") or 0)
-                p.redis.succeeded()
+                self.probes["redis"] = ""
             except SentimentError as exc:
-                p.redis.failed(exc)
+                self.probes["redis"] = str(exc)
             try:
                 # Once running, answering is not enough: a revoked grant is not ready. (Before, start-up
                 # itself waits for the schema and the grants, and says why.)
                 await (p.store.check_writable() if self.worker.prepared else p.store.ping())
-                p.postgres.succeeded()
+                self.probes["postgres"] = ""
             except SentimentError as exc:
-                p.postgres.failed(exc)
+                self.probes["postgres"] = str(exc)
+            self._show_up()
             await trio.sleep(every)
 
 

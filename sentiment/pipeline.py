@@ -74,8 +74,13 @@ class Worker:
         self._commits: set[trio.CancelScope] = set()
         self._starting = trio.CancelScope()
         self.prepared = False  # start-up checks passed: from here on the worker reads entries
+        # Set once the reader has re-read our own pending entries: until then the reclaimer must not
+        # claim them (XAUTOCLAIM takes our own idle entries too), or they are analysed twice.
+        self._own_pending_read = trio.Event()
         self._hard_stop = trio.CancelScope()
         self._deadline = math.inf  # set by stop(): when batches still in flight get cancelled
+        self._committing: tuple[Batch, float] | None = None  # the batch in the writer, since when
+        self._stuck_reported: Batch | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -101,9 +106,13 @@ class Worker:
                 nursery.start_soon(self._background, background)
                 task_status.started()
 
+    @property
+    def stopping(self) -> bool:
+        return self._deadline < math.inf
+
     def stop(self) -> None:
         """Stop reading now; let batches in flight finish within SHUTDOWN_GRACE_S, then cancel the rest."""
-        if self._deadline < math.inf:
+        if self.stopping:
             return
         log.info("stopping: finishing batches in flight (grace %.0f s)", self.settings.shutdown_grace_s)
         self._starting.cancel()
@@ -140,6 +149,7 @@ class Worker:
                 cursor = max([e.id for e in entries] + deleted, key=id_key)
                 entries = await retrying(p.redis, self.stream.with_deliveries, entries)
                 await self._send(send, entries)
+            self._own_pending_read.set()
             # Then new ones. In drain mode a short block, and stop once the group owes nothing.
             block = min(s.block_ms, 200) if drain else s.block_ms
             while True:
@@ -154,7 +164,13 @@ class Worker:
         """Every RECLAIM_INTERVAL_MS, take over entries idle over CLAIM_MIN_IDLE_MS (dead consumers')."""
         p, s = self.processor, self.settings
         with send, self._intake[1]:
+            await self._own_pending_read.wait()
             while True:
+                if self.stuck():
+                    # Our writer is stuck: take no more work, and above all do not re-claim our own
+                    # stuck entries (XAUTOCLAIM would), which would keep them from other workers.
+                    await trio.sleep(s.reclaim_interval_ms / 1000)
+                    continue
                 cursor = "0-0"
                 while True:
                     claimed = await retrying(
@@ -189,13 +205,15 @@ class Worker:
             async for batch, analysed in recv:
                 with trio.CancelScope(shield=True, deadline=self._deadline) as scope:
                     self._commits.add(scope)
+                    self._committing = (batch, time.monotonic())
                     try:
                         outcome = await self.processor.commit(analysed)
                     finally:
                         self._commits.discard(scope)
+                        self._committing = None
                 if scope.cancelled_caught:
                     # Cut by the end of the grace period: these entries stay pending for reclaim.
-                    log.warning("grace period over: %d entries left pending", len(batch.entries))
+                    log.warning("grace period over: %d entries left pending", len(self.inflight))
                     break
                 for entry in batch.entries:
                     self.inflight.pop(entry.id, None)
@@ -219,18 +237,54 @@ class Worker:
         period = max(self.settings.claim_min_idle_ms / 3000, 0.001)
         while True:
             await trio.sleep(period)
-            ids = list(self.inflight)
+            stuck = self.stuck()
+            if stuck and self._stuck_reported is not stuck[0]:
+                self._stuck_reported = stuck[0]
+                entries = stuck[0].entries
+                log.warning(
+                    "batch of %d entries (%s … %s) made no progress for %.0f s writing to PostgreSQL and "
+                    "acking (PostgreSQL %s, Redis %s): releasing the leases of it and of the %d entries "
+                    "queued behind it, so that another worker can take them over",
+                    len(entries),
+                    entries[0].id,
+                    entries[-1].id,
+                    stuck[1],
+                    "up" if self.processor.postgres.up else f"down: {self.processor.postgres.reason}",
+                    "up" if self.processor.redis.up else f"down: {self.processor.redis.reason}",
+                    len(self.inflight) - len(entries),
+                )
+            # Stuck: everything queued behind the writer waits as long, so no lease is renewed.
+            ids = [] if stuck else list(self.inflight)
             if ids:
                 await retrying(self.processor.redis, self.stream.renew, ids)
+
+    def stuck(self) -> tuple[Batch, float] | None:
+        """The batch in the writer and for how long, if longer than STUCK_BATCH_S. (Read by the
+        /healthz thread too: plain attribute reads.)"""
+        committing = self._committing
+        if committing is None:
+            return None
+        waited = time.monotonic() - committing[1]
+        return (committing[0], waited) if waited > self.settings.stuck_batch_s else None
 
     async def _retain(self) -> None:
         """STREAM_RETENTION: acked entries pile up (XACK does not delete); trim those older than the
         retention and older than anything a group still has pending or unread."""
         age_ms = self.settings.stream_retention_s * 1000
+        failing = False
         while True:
-            trimmed = await retrying(self.processor.redis, self.stream.trim_acked, age_ms)
-            if trimmed:
-                log.info("retention trimmed %d acked entries", trimmed)
+            try:
+                trimmed = await self.stream.trim_acked(age_ms)
+            except Exception as exc:  # fail closed: whatever went wrong, this round trims nothing
+                if not failing:
+                    log.warning("retention skipped: %s: %s (nothing trimmed)", type(exc).__name__, exc)
+                failing = True
+            else:
+                if failing:
+                    log.info("retention works again")
+                failing = False
+                if trimmed:
+                    log.info("retention trimmed %d acked entries", trimmed)
             await trio.sleep(min(60.0, max(1.0, self.settings.stream_retention_s / 4)))
 
     async def _summaries(self, every: float = 30.0) -> None:

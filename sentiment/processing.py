@@ -31,6 +31,9 @@ from .stream import DeadLetter, Entry, Stream, id_key
 log = logging.getLogger(__name__)
 
 SOLO_CRASHES = 2  # deaths of the process while analysing one entry alone before it is dead-lettered
+# When every text of a batch fails on its own, the model is asked about this one before the texts are
+# blamed: if it fails here too, the model (or its provider) is what is broken.
+PROBE_TEXT = "What a lovely day."
 FORGET_TIMEOUT_S = 2.0  # bound on clearing a solo mark while cancelled
 
 
@@ -89,17 +92,19 @@ class Processor:
 
     async def analyse(self, entries: Sequence[Entry]) -> Analysed:
         max_attempts = self.settings.max_deliveries
+        # Only a model in this process can be killed by a text: for a remote one, redelivered entries
+        # are analysed with the others.
+        alone = [e for e in entries if e.deliveries > max_attempts and self.analyzer.in_process]
         dead: list[DeadLetter] = []
         posts: list[Post] = []
         for entry in entries:
-            if entry.deliveries <= max_attempts:
+            if entry not in alone:
                 self._parse(entry, posts, dead)
         started = trio.current_time()
         results = await self._analyse([p.content for p in posts])
         pairs = list(zip(posts, results, strict=True))
-        for entry in entries:
-            if entry.deliveries > max_attempts:
-                pairs.extend(await self._analyse_alone(entry, dead))
+        for entry in alone:
+            pairs.extend(await self._analyse_alone(entry, dead))
         inference_s = trio.current_time() - started
 
         records: list[Record] = []
@@ -136,11 +141,7 @@ class Processor:
 
     async def _analyse_alone(self, entry: Entry, dead: list[DeadLetter]) -> list[tuple[Post, Analysis | str]]:
         """An entry delivered more than MAX_DELIVERIES times (crashes, restarts, reclaims): analysed on
-        its own, with a mark in Redis that only the death of the process leaves behind. A remote model
-        (the LLM) cannot be killed by a text, and waiting on it can take long enough to be cut by a
-        deploy: it gets no mark."""
-        if not self.analyzer.in_process:
-            return await self._parse_and_analyse_alone(entry, dead)
+        its own, with a mark in Redis that only the death of the process leaves behind."""
         starts = await retrying(self.redis, self.stream.solo_started, entry.id)
         if starts > SOLO_CRASHES:
             reason = f"the worker died {starts - 1} times while analysing this entry on its own"
@@ -164,7 +165,23 @@ class Processor:
     async def _analyse(self, texts: list[str]) -> list[Analysis | str]:
         """Each text's analysis, or the error its text caused. An unavailable model (ModelUnavailable:
         an LLM outage, say) is no text's fault: the batch waits for it, retried with backoff."""
-        return await retrying(self.model, self._analyse_isolated, texts, max_wait=30.0)
+        return await retrying(self.model, self._analyse_or_blame, texts, max_wait=30.0)
+
+    async def _analyse_or_blame(self, texts: list[str]) -> list[Analysis | str]:
+        results = await self._analyse_isolated(texts)
+        if results and all(isinstance(r, str) for r in results):
+            # Every text failed, each on its own. A provider that refuses the account (a 400 for
+            # credit or a retired model) or a broken model fails them all alike: before the texts are
+            # blamed, the model must answer a plain one.
+            try:
+                await self.analyzer.analyze([PROBE_TEXT])
+            except ModelUnavailable:
+                raise
+            except Exception as exc:
+                raise ModelUnavailable(
+                    f"the model fails on every text, and on a plain probe text too: {type(exc).__name__}: {exc}"
+                ) from exc
+        return results
 
     async def _analyse_isolated(self, texts: list[str]) -> list[Analysis | str]:
         """Analyse the batch; if it fails, each text alone, so one bad text costs only itself."""

@@ -39,6 +39,31 @@ from .post import Post
 log = logging.getLogger(__name__)
 
 _MIGRATION_LOCK = 0x5E171E  # pg_advisory_xact_lock key: one migrator at a time across workers
+CLOSE_TIMEOUT_S = 2.0
+# Every wait on PostgreSQL is bounded where it happens, since the thread that waits cannot be cancelled:
+# on the server (a statement, a lock, a transaction left open) and on the socket (keepalives notice a
+# dead peer; tcp_user_timeout, unacknowledged data). A user's own `options` in DATABASE_URL come after
+# ours and win.
+_SERVER_TIMEOUTS = {
+    "statement_timeout": "30s",
+    "lock_timeout": "10s",
+    "idle_in_transaction_session_timeout": "60s",
+}
+_SOCKET = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 20_000,
+}
+
+
+def bounded(dsn: str) -> str:
+    """The DSN with the server-side timeouts and socket bounds above."""
+    ours = " ".join(f"-c {k}={v}" for k, v in _SERVER_TIMEOUTS.items())
+    theirs = conninfo_to_dict(dsn).get("options") or ""
+    return make_conninfo(dsn, options=f"{ours} {theirs}".strip(), **_SOCKET)
 
 
 def _encode(post: Post, analysis: Analysis) -> tuple[Any, ...]:
@@ -154,9 +179,16 @@ LIMIT %(limit)s
 _WRITABLE = """
 SELECT has_table_privilege('social_media_posts', 'INSERT'),
        has_table_privilege('sentiment_analysis', 'INSERT'),
+       has_sequence_privilege(pg_get_serial_sequence('sentiment_analysis', 'id'), 'USAGE'),
        has_database_privilege(current_database(), 'TEMPORARY'),
        current_user
 """
+_NEEDED = (
+    "INSERT on social_media_posts",
+    "INSERT on sentiment_analysis",
+    "USAGE on the sequence of sentiment_analysis.id",
+    "TEMPORARY on the database",
+)
 
 
 class PostgresStore:
@@ -169,8 +201,10 @@ class PostgresStore:
         self._limiter = trio.CapacityLimiter(1)
 
     async def aclose(self) -> None:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(self._close, limiter=self._limiter)
+        # Bounded: a statement abandoned at shutdown may still hold the connection (and the limiter);
+        # the process exits without waiting for it, and the server ends the session.
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_TIMEOUT_S):
+            await trio.to_thread.run_sync(self._close, limiter=self._limiter, abandon_on_cancel=True)
 
     def _close(self) -> None:
         if self._conn is not None:
@@ -184,7 +218,13 @@ class PostgresStore:
         return self._conn
 
     async def _run(self, fn: Any, *args: Any) -> Any:
-        return await trio.to_thread.run_sync(self._guarded, fn, *args, limiter=self._limiter)
+        # A thread cannot be cancelled; abandoning it on cancel lets shutdown keep its bound. That is
+        # safe: nothing is acked before a write returns, and a write that commits after all is absorbed
+        # by ON CONFLICT when the entries are redelivered. The limiter stays held until the thread ends,
+        # so the connection is never used by two threads.
+        return await trio.to_thread.run_sync(
+            self._guarded, fn, *args, limiter=self._limiter, abandon_on_cancel=True
+        )
 
     def _guarded(self, fn: Any, *args: Any) -> Any:
         try:
@@ -219,18 +259,10 @@ class PostgresStore:
         def check(conn: psycopg.Connection[Any]) -> None:
             row = conn.execute(_WRITABLE).fetchone()
             assert row is not None
-            missing = [
-                what
-                for ok, what in zip(
-                    row[:3],
-                    ("INSERT on social_media_posts", "INSERT on sentiment_analysis", "TEMPORARY"),
-                    strict=True,
-                )
-                if not ok
-            ]
+            missing = [what for ok, what in zip(row[:4], _NEEDED, strict=True) if not ok]
             if missing:
                 raise StoreFailure(
-                    f"PostgreSQL role {row[3]} lacks {', '.join(missing)}: the worker waits (readyz 503) "
+                    f"PostgreSQL role {row[4]} lacks {', '.join(missing)}: the worker waits (readyz 503) "
                     "until it is granted"
                 )
 
@@ -303,16 +335,14 @@ class PostgresStore:
 
 def _connect_or_create(dsn: str) -> psycopg.Connection[Any]:
     try:
-        return psycopg.connect(dsn, autocommit=True, connect_timeout=5)
+        return psycopg.connect(bounded(dsn), autocommit=True)
     except psycopg.OperationalError as exc:
         if "does not exist" not in str(exc) or "database" not in str(exc):
             raise
     dbname = conninfo_to_dict(dsn).get("dbname") or "postgres"
     log.warning("database %s does not exist: creating it", dbname)
     try:
-        with psycopg.connect(
-            make_conninfo(dsn, dbname="postgres"), autocommit=True, connect_timeout=5
-        ) as admin:
+        with psycopg.connect(bounded(make_conninfo(dsn, dbname="postgres")), autocommit=True) as admin:
             admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(str(dbname))))
     except (psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
         pass  # another worker created it first (a race PostgreSQL reports as either)
@@ -321,7 +351,7 @@ def _connect_or_create(dsn: str) -> psycopg.Connection[Any]:
             f"database {dbname} does not exist and the role in DATABASE_URL may not create it: "
             f"run `createdb {dbname}` as a superuser"
         ) from None
-    return psycopg.connect(dsn, autocommit=True, connect_timeout=5)
+    return psycopg.connect(bounded(dsn), autocommit=True)
 
 
 def _schema_version(conn: psycopg.Connection[Any]) -> int | None:
@@ -345,6 +375,7 @@ def _migrate(conn: psycopg.Connection[Any]) -> int:
         # migrated by an administrator) must not fail on DDL it does not need.
         return current
     with conn.transaction():
+        conn.execute("SET LOCAL statement_timeout = 0")  # a migration of a large table may take long
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
         conn.execute(
             "CREATE TABLE IF NOT EXISTS schema_version ("

@@ -63,10 +63,15 @@ class PendingEntry:
     deliveries: int
 
 
+def one_line(text: str) -> str:
+    """A reason as one line: driver messages carry DETAIL/CONTEXT lines, field names may hold newlines."""
+    return " | ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
 @attrs.frozen
 class DeadLetter:
     entry: Entry
-    reason: str
+    reason: str = attrs.field(converter=one_line)
 
 
 class Stream(Protocol):
@@ -245,10 +250,9 @@ class RedisStream:
         if not todo:
             return
         try:
-            top: Any = await self._call(self._redis.xrevrange, self.dead, "+", "-", count=1)
+            top_ms, top_seq = await self._last_dead_id()
         except StreamUnavailable as exc:
             raise StreamUnavailable(f"cannot add to DEAD_LETTER_STREAM {self.dead!r}: {exc}") from exc
-        top_ms, top_seq = id_key(_decode(top[0][0])) if top else (0, 0)
         now_ms = int(time.time() * 1000)
         # A random sequence part keeps workers that dead-letter in the same millisecond apart.
         if now_ms > top_ms:
@@ -281,6 +285,21 @@ class RedisStream:
                 raise StreamUnavailable(
                     f"cannot add to DEAD_LETTER_STREAM {self.dead!r}: {result}; entries stay pending"
                 ) from result
+
+    async def _last_dead_id(self) -> tuple[int, int]:
+        """The highest ID the dead-letter stream ever gave out (a deleted top entry still counts: new IDs
+        must be above it)."""
+        try:
+            info: Any = await self._call(self._redis.xinfo_stream, self.dead)
+        except rex.ResponseError as exc:
+            if "no such key" in str(exc).lower():
+                return (0, 0)
+            raise
+        return id_key(_decode(info["last-generated-id"]))
+
+    async def last_dead_id(self) -> str:
+        ms, seq = await self._last_dead_id()
+        return f"{ms}-{seq}"
 
     async def _landed(self, tries: Sequence[tuple[str, str]]) -> set[str]:
         """Entry IDs whose copy is already in the dead-letter stream under the ID tried for it."""
@@ -327,8 +346,8 @@ class RedisStream:
 
     # -- the dead-letter stream, for the operator's commands -------------------------------------------
 
-    async def dead_range(self, start: str, count: int) -> list[tuple[str, dict[bytes, bytes]]]:
-        rows: Any = await self._call(self._redis.xrange, self.dead, start, "+", count=count)
+    async def dead_range(self, start: str, end: str, count: int) -> list[tuple[str, dict[bytes, bytes]]]:
+        rows: Any = await self._call(self._redis.xrange, self.dead, start, end, count=count)
         return [(_decode(i), dict(f)) for i, f in rows]
 
     async def publish(self, stream: str, fields: Mapping[bytes, bytes]) -> str:
@@ -338,7 +357,10 @@ class RedisStream:
         return int(await self._call(self._redis.xdel, self.dead, *ids)) if ids else 0
 
     async def trim_dead(self, before: str) -> int:
-        return int(await self._call(self._redis.xtrim, self.dead, minid=before, approximate=False))
+        try:
+            return int(await self._call(self._redis.xtrim, self.dead, minid=before, approximate=False))
+        except rex.ResponseError as exc:
+            raise ConfigError(f"--before must be a stream ID such as 1767225600000-0: {exc}") from None
 
     async def renew(self, ids: Sequence[str]) -> None:
         """XCLAIM our own in-flight entries with JUSTID: resets their idle time, not their delivery count."""
@@ -377,8 +399,10 @@ class RedisStream:
     async def _groups(self) -> list[dict[str, Any]]:
         try:
             groups: list[dict[str, Any]] = await self._call(self._redis.xinfo_groups, self.name)
-        except rex.ResponseError:  # "no such key": the stream does not exist yet
-            return []
+        except rex.ResponseError as exc:
+            if "no such key" in str(exc).lower():  # the stream does not exist yet
+                return []
+            raise
         return groups
 
     async def group_info(self) -> dict[str, int]:
@@ -419,12 +443,20 @@ class RedisStream:
     async def trim_acked(self, min_age_ms: int) -> int:
         """Trim entries older than `min_age_ms` that every group has read and acked (XTRIM MINID): the
         floor is the oldest pending ID of any group and the first ID after any group's last delivered one,
-        so retention never drops work a group still owes."""
+        so retention never drops work a group still owes.
+
+        Fails closed: whatever cannot be read (an ACL that denies XINFO, a reply of another shape, our
+        own group missing) raises, and the caller skips this trim. Redis 8.2's `XTRIM … ACKED` would do
+        this on the server; Redis 7 has no such option, so the floor is computed here."""
         floor = (int(time.time() * 1000) - min_age_ms, 0)
-        for group in await self._groups():
-            if int(group.get("pending", 0)):
+        groups = await self._groups()
+        if self.group not in {_decode(g["name"]) for g in groups}:
+            raise StreamUnavailable(f"consumer group {self.group} not found: nothing is trimmed")
+        for group in groups:
+            if int(group["pending"]):
                 summary = await self._call(self._redis.xpending, self.name, _decode(group["name"]))
-                floor = min(floor, id_key(_decode(summary["min"])))
+                if summary["min"] is not None:  # None: its pending list drained since XINFO
+                    floor = min(floor, id_key(_decode(summary["min"])))
             ms, seq = id_key(_decode(group["last-delivered-id"]))
             floor = min(floor, (ms, seq + 1))
         return int(

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import attrs
@@ -52,6 +54,7 @@ class ThrowawayRedis:
     workdir: Path
     port: int = attrs.Factory(free_port)
     process: subprocess.Popen[bytes] | None = None
+    extra_args: tuple[str, ...] = ()  # e.g. ("--enable-debug-command", "yes")
 
     @property
     def url(self) -> str:
@@ -74,6 +77,7 @@ class ThrowawayRedis:
                 "always",
                 "--save",
                 "",
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -140,6 +144,30 @@ class ThrowawayPostgres:
 
     def stop(self, mode: str = "fast") -> None:
         self._run("pg_ctl", "-D", str(self.workdir / "data"), "-w", "-m", mode, "stop")
+
+    def pids(self) -> list[int]:
+        """The postmaster and every process it started (backends included)."""
+        postmaster = int((self.workdir / "data" / "postmaster.pid").read_text().split()[0])
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == postmaster:
+                children.append(int(stat.parent.name))
+        return [postmaster, *children]
+
+    def pause(self) -> None:
+        """SIGSTOP the whole server: it neither answers nor closes a connection (a hung host)."""
+        for pid in self.pids():
+            with suppress(ProcessLookupError):  # a backend that just ended
+                os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in self.pids():
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
     def restart(self, down_for: float = 0.0) -> None:
         self.stop()

@@ -75,8 +75,11 @@ class MemoryDead:
         self.published: list[tuple[str, dict[bytes, bytes]]] = []
         self.fail_publish = False
 
-    async def dead_range(self, start: str, count: int) -> list[tuple[str, dict[bytes, bytes]]]:
-        ids = sorted(self.letters)
+    async def last_dead_id(self) -> str:
+        return max(self.letters, default="0-0")
+
+    async def dead_range(self, start: str, end: str, count: int) -> list[tuple[str, dict[bytes, bytes]]]:
+        ids = sorted(i for i in self.letters if i <= end)
         if start.startswith("("):
             ids = [i for i in ids if i > start[1:]]
         return [(i, self.letters[i]) for i in ids[:count]]

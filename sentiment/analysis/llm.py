@@ -17,7 +17,7 @@ import httpx
 import tenacity
 import trio
 
-from ..config import Settings
+from ..config import Settings, mask_url
 from ..errors import ConfigError, ModelError, ModelUnavailable
 from .base import Analysis, empty_result
 from .labels import EMOTIONS, SENTIMENTS
@@ -49,11 +49,16 @@ INSTRUCTIONS = (
 
 
 class RetryableReply(Exception):
-    """A reply worth another try (429, 5xx, timeout, garbled JSON); `retry_after` from the server."""
+    """A reply worth another try (429, 5xx, timeout, garbled JSON); `retry_after` from the server.
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    `outage`: the provider is unreachable or refuses service (then the batch waits). Otherwise the
+    provider answered with something unusable for these texts (a malformed reply: a text may have
+    steered the model), and the pipeline isolates the text that causes it."""
+
+    def __init__(self, message: str, retry_after: float | None = None, *, outage: bool = True) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.outage = outage
 
 
 @attrs.define
@@ -65,16 +70,20 @@ class CircuitBreaker:
     failures: int = 0
     opened_at: float = -math.inf
 
+    last_error: str = ""
+
     def check(self) -> None:
         if self.failures >= self.threshold and trio.current_time() - self.opened_at < self.cooldown:
             raise ModelUnavailable(
-                f"LLM circuit open after {self.failures} failed calls; retrying after cooldown"
+                f"LLM circuit open after {self.failures} failed calls (last: {self.last_error}); "
+                "retrying after cooldown"
             )
 
-    def record(self, ok: bool) -> None:
+    def record(self, ok: bool, error: str = "") -> None:
         if ok:
             self.failures = 0
             return
+        self.last_error = error
         self.failures += 1
         if self.failures >= self.threshold:
             self.opened_at = trio.current_time()
@@ -83,7 +92,7 @@ class CircuitBreaker:
 def _wait(state: tenacity.RetryCallState) -> float:
     exc = state.outcome.exception() if state.outcome else None
     backoff = tenacity.wait_exponential_jitter(multiplier=0.5, max=20)(state)
-    if isinstance(exc, RetryableReply) and exc.retry_after is not None:
+    if isinstance(exc, RetryableReply) and exc.retry_after is not None and math.isfinite(exc.retry_after):
         return min(max(exc.retry_after, 0.0), 60.0)
     return float(backoff)
 
@@ -145,12 +154,14 @@ class LLMAnalyzer:
                     with attempt:
                         parsed = await self._ask(client, [texts[i][:MAX_CHARS] for i in todo])
         except RetryableReply as exc:
-            self.breaker.record(False)
-            raise ModelUnavailable(
-                self._clean(f"LLM {self.provider} failed after {self.attempts} tries: {exc}")
-            ) from None
-        except ModelUnavailable:
-            self.breaker.record(False)
+            message = self._clean(f"LLM {self.provider} failed after {self.attempts} tries: {exc}")
+            if not exc.outage:
+                self.breaker.record(True)  # it answers: what it answers to these texts is unusable
+                raise ModelError(message) from None
+            self.breaker.record(False, message)
+            raise ModelUnavailable(message) from None
+        except ModelUnavailable as exc:
+            self.breaker.record(False, str(exc))
             raise
         except ModelError:
             self.breaker.record(True)  # the provider answered: it refused these texts, and is up
@@ -161,8 +172,9 @@ class LLMAnalyzer:
         return results
 
     def _clean(self, message: str) -> str:
-        """Never let the key out, even if a provider echoes it back in an error body."""
-        return message.replace(self._key, "***")
+        """Never let the key out, even if a provider echoes it back in an error body, nor a password in
+        LLM_BASE_URL (a proxy's)."""
+        return message.replace(self._key, "***").replace(self.base_url, mask_url(self.base_url))
 
     async def _ask(self, client: httpx.AsyncClient, texts: list[str]) -> list[Analysis]:
         posts = "\n".join(f"{i}. {json.dumps(t, ensure_ascii=False)}" for i, t in enumerate(texts))
@@ -190,7 +202,9 @@ class LLMAnalyzer:
         except httpx.TimeoutException:
             raise RetryableReply(f"timed out after {self.timeout:g} s") from None
         except httpx.TransportError as exc:
-            raise RetryableReply(f"cannot reach {self.base_url}: {type(exc).__name__}") from None
+            raise RetryableReply(f"cannot reach {mask_url(self.base_url)}: {type(exc).__name__}") from None
+        except httpx.HTTPError as exc:  # e.g. a body that is not what its headers say
+            raise RetryableReply(f"unreadable reply: {type(exc).__name__}: {exc}") from None
         if response.status_code == 429 or response.status_code >= 500:
             raise RetryableReply(f"HTTP {response.status_code}", _retry_after(response))
         if response.status_code in (401, 403):
@@ -218,8 +232,8 @@ class LLMAnalyzer:
                 else payload["choices"][0]["message"]["content"]
             )
             return self._parse(content, len(texts))
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
-            raise RetryableReply(f"malformed reply: {exc}") from None
+        except (ValueError, KeyError, IndexError, TypeError, httpx.HTTPError) as exc:
+            raise RetryableReply(f"malformed reply: {exc}", outage=False) from None
 
     def _parse(self, content: str, n: int) -> list[Analysis]:
         text = content.strip()

@@ -65,8 +65,10 @@ class LocalAnalyzer:
 
     async def analyze(self, texts: Sequence[str]) -> list[Analysis]:
         await self.load()
+        # Abandoned when cancelled (shutdown): nothing was acked, so the batch stays pending; the
+        # thread finishes on its own and holds the limiter until then.
         result: list[Analysis] = await trio.to_thread.run_sync(
-            self.predict, list(texts), limiter=self._limiter
+            self.predict, list(texts), limiter=self._limiter, abandon_on_cancel=True
         )
         return result
 
