@@ -36,6 +36,10 @@ class InvalidPost(PermanentError):
         self.reason = reason
 
 
+class OutOfMemory(SentimentError):
+    """The process could not hold what it read: it stops (one line), the entries stay pending."""
+
+
 class ModelError(SentimentError):
     """The analysis model cannot be loaded or failed on a batch."""
 

@@ -142,7 +142,8 @@ class Worker:
             # Our own pending entries first (a restart under the same CONSUMER_NAME), paging by ID.
             cursor = "0"
             while True:
-                entries, deleted = await retrying(p.redis, self.stream.read, cursor, s.batch_size, None)
+                count = await self._page_size("-" if cursor == "0" else f"({cursor}", s.consumer, None)
+                entries, deleted = await retrying(p.redis, self.stream.read, cursor, count, None)
                 await self._ack_deleted(deleted)
                 if not entries and not deleted:
                     break
@@ -173,8 +174,11 @@ class Worker:
                     continue
                 cursor = "0-0"
                 while True:
+                    count = await self._page_size(
+                        "-" if cursor == "0-0" else cursor, None, s.claim_min_idle_ms
+                    )
                     claimed = await retrying(
-                        p.redis, self.stream.autoclaim, cursor, s.claim_min_idle_ms, s.batch_size
+                        p.redis, self.stream.autoclaim, cursor, s.claim_min_idle_ms, count
                     )
                     await self._ack_deleted(list(claimed.deleted))
                     fresh = [e for e in claimed.entries if e.id not in self.inflight]
@@ -312,6 +316,16 @@ class Worker:
             last, last_t = attrs.evolve(t), now
 
     # -- helpers -----------------------------------------------------------------------------------------
+
+    async def _page_size(self, start: str, consumer: str | None, idle_ms: int | None) -> int:
+        """How many pending entries to take at once: BATCH_SIZE, or 1 when the next page holds an entry
+        delivered more than MAX_DELIVERIES times. Reading a batch of huge entries may be what killed the
+        workers before (memory); one at a time, each is read, bounded and dead-lettered on its own."""
+        s = self.settings
+        ahead = await retrying(
+            self.processor.redis, self.stream.pending, s.batch_size, consumer, idle_ms, start
+        )
+        return 1 if any(p.deliveries > s.max_deliveries for p in ahead) else s.batch_size
 
     async def _send(self, send: trio.MemorySendChannel[Batch], entries: list[Entry]) -> None:
         for e in entries:

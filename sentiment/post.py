@@ -13,6 +13,7 @@ from .errors import InvalidPost
 
 MAX_ID_CHARS = 256
 MAX_META_CHARS = 1000
+MIN_YEAR, MAX_YEAR = 1900, 9998  # created_at, in UTC
 MAX_REASON_CHARS = 300  # an unforeseen error's text, as it goes into the dead-letter reason
 
 
@@ -157,4 +158,11 @@ def _created_at(value: Any, entry_id: str) -> datetime:
         parsed = datetime.fromisoformat(value.strip())
     except ValueError:
         raise InvalidPost(f"created_at is not an ISO-8601 date: {value[:64]!r}") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    try:
+        utc = parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    except OverflowError:
+        utc = None
+    # Stored in UTC, and read back by Python: both ends must stay within what a datetime can hold.
+    if utc is None or not MIN_YEAR <= utc.year <= MAX_YEAR:
+        raise InvalidPost(f"created_at is out of range ({MIN_YEAR} to {MAX_YEAR}): {value[:64]!r}")
+    return utc

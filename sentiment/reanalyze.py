@@ -10,6 +10,7 @@ from __future__ import annotations
 import attrs
 
 from .analysis.base import Analyzer
+from .post import Post
 from .store import PostgresStore, Record
 
 
@@ -18,6 +19,7 @@ class ReanalyzeReport:
     model: str
     reanalysed: int
     dry_run: bool
+    failed: int = 0  # posts the model failed on: their current analysis stays as it is
 
     def as_dict(self) -> dict[str, object]:
         return attrs.asdict(self)
@@ -34,15 +36,30 @@ async def reanalyze(
 ) -> ReanalyzeReport:
     await store.migrate()
     await analyzer.load()
-    done, after = 0, ""
-    while not limit or done < limit:
-        size = min(batch, limit - done) if limit else batch
+    done = failed = 0
+    after = ""
+    while not limit or done + failed < limit:
+        size = min(batch, limit - done - failed) if limit else batch
         posts = await store.analysed_by_others(analyzer.name, only_model, after, size)
         if not posts:
             break
         after = posts[-1].post_id
-        if not dry_run:
-            results = await analyzer.analyze([p.content for p in posts])
-            await store.replace([Record(p, r) for p, r in zip(posts, results, strict=True)])
-        done += len(posts)
-    return ReanalyzeReport(analyzer.name, done, dry_run)
+        if dry_run:
+            done += len(posts)
+            continue
+        records = await _analyse(analyzer, posts)
+        await store.replace(records)
+        done += len(records)
+        failed += len(posts) - len(records)
+    return ReanalyzeReport(analyzer.name, done, dry_run, failed)
+
+
+async def _analyse(analyzer: Analyzer, posts: list[Post]) -> list[Record]:
+    """The batch's analyses; if the batch fails, post by post, leaving out the ones that fail."""
+    try:
+        results = await analyzer.analyze([p.content for p in posts])
+        return [Record(p, r) for p, r in zip(posts, results, strict=True)]
+    except Exception:
+        if len(posts) == 1:
+            return []
+    return [record for post in posts for record in await _analyse(analyzer, [post])]

@@ -19,7 +19,7 @@ import trio_asyncio
 
 from . import deadletter
 from .config import Settings, mask_url
-from .errors import ConfigError, StreamUnavailable
+from .errors import ConfigError, OutOfMemory, StreamUnavailable
 
 T = TypeVar("T")
 # Error replies that say the environment is wrong (busy, read-only, out of memory, ACL, a key of the
@@ -90,7 +90,7 @@ class Stream(Protocol):
     async def forget(self, ids: Sequence[str]) -> None: ...
     async def renew(self, ids: Sequence[str]) -> None: ...
     async def pending(
-        self, count: int, consumer: str | None = None, idle_ms: int | None = None
+        self, count: int, consumer: str | None = None, idle_ms: int | None = None, start: str = "-"
     ) -> list[PendingEntry]: ...
     async def pending_count(self) -> int: ...
     async def group_info(self) -> dict[str, int]: ...
@@ -135,8 +135,20 @@ class RedisStream:
         try:
             result: T = await trio_asyncio.aio_as_trio(fn)(*args, **kwargs)
             return result
+        except rex.AuthenticationError as exc:
+            raise ConfigError(
+                f"Redis at {mask_url(self.settings.redis_url)} refused the credentials in REDIS_URL or "
+                f"REDIS_PASSWORD: {exc}"
+            ) from None
         except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
             raise StreamUnavailable(f"Redis at {mask_url(self.settings.redis_url)}: {exc}") from exc
+        except MemoryError:
+            # Entries too large to hold together. The process stops; the next start reads entries
+            # delivered more than MAX_DELIVERIES times one at a time (Worker._page_size).
+            raise OutOfMemory(
+                "out of memory reading entries from Redis: they stay pending, and once delivered more "
+                "than MAX_DELIVERIES times they are read one at a time"
+            ) from None
         except rex.ResponseError as exc:
             message = str(exc)
             if message.startswith("NOGROUP"):
@@ -164,6 +176,11 @@ class RedisStream:
         except rex.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+        except rex.AuthenticationError as exc:
+            raise ConfigError(
+                f"Redis at {mask_url(self.settings.redis_url)} refused the credentials in REDIS_URL or "
+                f"REDIS_PASSWORD: {exc}"
+            ) from None
         except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
             raise StreamUnavailable(f"Redis at {mask_url(self.settings.redis_url)}: {exc}") from exc
 
@@ -370,13 +387,15 @@ class RedisStream:
             )
 
     async def pending(
-        self, count: int, consumer: str | None = None, idle_ms: int | None = None
+        self, count: int, consumer: str | None = None, idle_ms: int | None = None, start: str = "-"
     ) -> list[PendingEntry]:
+        """XPENDING's extended form from `start` (an ID, `(ID` for after it, or `-`): IDs, owners, idle
+        times and delivery counts, without the entries' bodies."""
         rows = await self._call(
             self._redis.xpending_range,
             self.name,
             self.group,
-            min="-",
+            min=start,
             max="+",
             count=count,
             consumername=consumer,

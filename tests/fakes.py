@@ -162,13 +162,16 @@ class FakeStream:
                 self.g.pel[i] = _Pending(self.consumer, now, p.count)
 
     async def pending(
-        self, count: int, consumer: str | None = None, idle_ms: int | None = None
+        self, count: int, consumer: str | None = None, idle_ms: int | None = None, start: str = "-"
     ) -> list[PendingEntry]:
         now = trio.current_time()
+        after = start.startswith("(")
+        floor = (0, 0) if start == "-" else id_key(start.lstrip("("))
         out = [
             PendingEntry(i, p.consumer, int((now - p.delivered_at) * 1000), p.count)
             for i, p in sorted(self.g.pel.items(), key=lambda kv: id_key(kv[0]))
-            if (consumer is None or p.consumer == consumer)
+            if (id_key(i) > floor if after else id_key(i) >= floor)
+            and (consumer is None or p.consumer == consumer)
             and (idle_ms is None or (now - p.delivered_at) * 1000 >= idle_ms)
         ]
         return out[:count]

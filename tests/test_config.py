@@ -71,3 +71,36 @@ def test_secrets_never_show() -> None:
     with pytest.raises(ConfigError) as err:
         Settings.from_env({"DATABASE_URL": "mysql://u:hunter2@db/x"}, dotenv=None)
     assert "hunter2" not in str(err.value)
+
+
+def test_the_seed_services_env_file_works_unchanged(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text(
+        "DATABASE_URL=postgresql://user:pass@db:5432/sentiment\nREDIS_HOST=redis\nREDIS_PORT=6380\n"
+        "MODEL_TYPE=local\n"
+    )
+    s = Settings.from_env({}, dotenv=env_file)
+    assert s.model_type == "embedded"  # `local` meant the local Hugging Face models
+    assert s.redis_url == "redis://redis:6380/0"
+    assert s.database_url == "postgresql://user:pass@db:5432/sentiment"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://u@h/db?password=s3cret", "postgresql://u@h/db?password=***"),
+        (
+            "postgresql://u@h/db?sslmode=require&sslpassword=s3cret",
+            "postgresql://u@h/db?sslmode=require&sslpassword=***",
+        ),
+        ("redis://h:6379/0?password=s3cret", "redis://h:6379/0?password=***"),
+        ("redis://:s3cret@h:6379/0", "redis://:***@h:6379/0"),
+    ],
+)
+def test_passwords_in_query_parameters_are_masked_too(url: str, shown: str) -> None:
+    assert mask_url(url) == shown
+
+
+def test_a_dead_letter_key_that_is_another_of_our_keys_is_refused() -> None:
+    with pytest.raises(ConfigError, match="DEAD_LETTER_STREAM must differ"):
+        Settings.from_env({"DEAD_LETTER_STREAM": "social_posts:attempts:sentiment_workers"}, dotenv=None)

@@ -3,6 +3,8 @@ PostgreSQL, crashed by the environment again and again, never dead-letter a vali
 
 from __future__ import annotations
 
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
 import httpx
 import psycopg
 import pytest
@@ -19,7 +22,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from sentiment.config import Settings
 from sentiment.processing import SOLO_CRASHES
-from sentiment.throwaway import free_port
+from sentiment.throwaway import ThrowawayRedis, free_port, make_workdir
 
 from .conftest import ROOT, rows, run_cli, worker_env
 from .llm_server import Reply, llm_server
@@ -223,3 +226,51 @@ def test_a_post_that_kills_the_process_is_dead_lettered_after_a_bounded_number_o
     assert letter.reason == f"the worker died {SOLO_CRASHES} times while analysing this entry on its own"
     assert rows(settings.database_url) == 9
     assert rds.xpending(settings.stream, settings.group)["pending"] == 0
+
+
+def _limit_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (1_000_000_000, 1_000_000_000))
+
+
+def test_a_batch_too_large_to_read_is_read_one_by_one_after_max_deliveries(settings: Settings) -> None:
+    """Huge entries that kill the reader (memory) before any bound can look at them: at most
+    MAX_DELIVERIES + 1 crashes, then they are read one at a time and dead-lettered as oversized."""
+    work = make_workdir()
+    server = ThrowawayRedis(work / "redis", extra_args=("--appendonly", "no"))
+    server.start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        for i in range(24):
+            client.xadd(settings.stream, {"post_id": f"huge{i}", "content": b"x" * 30_000_000})
+        client.xadd(settings.stream, {"post_id": "ok", "content": "fine"})
+        env = worker_env(
+            attrs.evolve(settings, redis_url=server.url),
+            MAX_DELIVERIES=str(MAX_DELIVERIES),
+            CONSUMER_NAME="fixed",
+            BATCH_SIZE="64",
+        )
+        crashes = 0
+        for _ in range(MAX_DELIVERIES + 3):
+            result = subprocess.run(
+                [sys.executable, "-m", "sentiment", "run", "--drain"],
+                cwd=ROOT / "tests",
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                preexec_fn=_limit_memory,
+                check=False,
+            )
+            if result.returncode == 0:
+                break
+            assert "sentiment: out of memory reading entries" in result.stderr, result.stderr[-2000:]
+            assert "Traceback" not in result.stderr
+            crashes += 1
+        assert result.returncode == 0 and crashes <= MAX_DELIVERIES + 1
+        assert rows(settings.database_url) == 1
+        assert client.xlen(settings.dead_letter) == 24
+        assert client.xpending(settings.stream, settings.group)["pending"] == 0
+        client.close()
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)

@@ -289,3 +289,60 @@ def test_retention_skips_when_group_state_cannot_be_read(settings: Settings, rds
         assert sum("retention skipped" in line for line in err.splitlines()) == 1, err
     finally:
         rds.execute_command("ACL", "DELUSER", user)
+
+
+SECRET = "s3cr3t-Pa55"
+
+
+def test_passwords_in_urls_never_appear_in_any_output(settings: Settings, rds: redis.Redis) -> None:
+    server = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port := free_port()),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--requirepass",
+            SECRET,
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: _answers(port), "redis-server")
+        pg = f"{settings.database_url}&password={SECRET}"  # trust auth: accepted and ignored
+        forms = {
+            "query": {"REDIS_URL": f"redis://127.0.0.1:{port}/0?password={SECRET}", "DATABASE_URL": pg},
+            "userinfo": {"REDIS_URL": f"redis://:{SECRET}@127.0.0.1:{port}/0", "DATABASE_URL": pg},
+            "wrong": {"REDIS_URL": f"redis://127.0.0.1:{port}/0?password=not-{SECRET}", "DATABASE_URL": pg},
+        }
+        for form, urls in forms.items():
+            env = worker_env(settings, **urls, LOG_LEVEL="DEBUG")
+            for args in (
+                ["--help"],
+                ["run", "--help"],
+                ["migrate"],
+                ["stats"],
+                ["stats", "--json"],
+                ["deadletter", "list"],
+                ["reanalyze", "--dry-run"],
+            ):
+                result = run_cli(["-m", "sentiment", *args], env, timeout=60)
+                assert SECRET not in result.stdout + result.stderr, (form, args, result.stderr[-1000:])
+            proc = start(env)
+            time.sleep(3)
+            _, err = stop_within_bound(proc)
+            assert SECRET not in err, (form, err[-1000:])
+            reclaim = run_cli([str(ROOT / "scripts/reclaim.py"), "--dry-run"], env, timeout=60)
+            assert SECRET not in reclaim.stdout + reclaim.stderr
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def _answers(port: int) -> bool:
+    try:
+        return bool(redis.Redis(port=port, password=SECRET, socket_timeout=1).ping())
+    except redis.RedisError:
+        return False

@@ -196,7 +196,9 @@ def test_one_post_one_current_analysis(settings: Settings, rds: redis.Redis) -> 
 
     # Moving posts to another model is an explicit operation; the replaced row is kept in the history.
     again = run_cli(["-m", "sentiment", "reanalyze"], worker_env(settings))
-    assert json.loads(again.stdout) == {"model": "noop", "reanalysed": 1, "dry_run": False}, again.stderr
+    assert json.loads(again.stdout) == {"model": "noop", "reanalysed": 1, "dry_run": False, "failed": 0}, (
+        again.stderr
+    )
     assert rows(settings.database_url, "SELECT count(*) FROM sentiment_analysis WHERE model = 'noop'") == 3
     assert rows(settings.database_url, "SELECT count(*) FROM sentiment_analysis_history") == 1
 
