@@ -27,6 +27,10 @@ class Reply:
 class Script:
     replies: list[Reply] = attrs.Factory(list)
     requests: list[dict[str, Any]] = attrs.Factory(list)
+    # A provider that refuses some texts as such: a request holding this text is answered 400.
+    reject_text: str | None = None
+    # A text that steers the model into a broken answer: a request holding it gets one result too few.
+    garble_text: str | None = None
 
 
 def _answer(posts: str, content: str | None) -> str:
@@ -61,6 +65,10 @@ def llm_server() -> Iterator[tuple[str, Script]]:
             body = json.loads(self.rfile.read(int(self.headers["content-length"])))
             script.requests.append({"path": self.path, "headers": dict(self.headers), "json": body})
             reply = script.replies.pop(0) if script.replies else Reply()
+            if script.reject_text and script.reject_text in json.dumps(body["messages"], ensure_ascii=False):
+                reply = Reply(status=400, body='{"error": "this content is refused"}')
+            if script.garble_text and script.garble_text in json.dumps(body["messages"], ensure_ascii=False):
+                reply = Reply(content='{"results": []}')
             time.sleep(reply.delay)
             if reply.body is not None:
                 payload = reply.body

@@ -16,7 +16,7 @@ import redis
 from sentiment.config import Settings
 
 from .conftest import ROOT, rows, rows_so_far, run_cli, worker_env
-from .llm_server import Reply, llm_server
+from .llm_server import llm_server
 from .proxy import Cutter, cutting_proxy
 from .test_integration_hostile import dead_letters
 
@@ -123,15 +123,16 @@ def test_replay_after_the_cause_is_fixed_writes_each_post_once(settings: Setting
             "RECLAIM_INTERVAL_MS": "100",
         }
         for i in range(10):
-            rds.xadd(settings.stream, {"post_id": f"r{i}", "content": f"text {i}"})
-        # The provider refuses these texts as such (HTTP 400): each refusal is an attempt of the text.
-        script.replies.extend([Reply(status=400, body='{"error": "rejected"}')] * 1000)
+            rds.xadd(settings.stream, {"post_id": f"r{i}", "content": f"refused text {i}"})
+        # The provider refuses these texts as such (HTTP 400), and answers others (the probe): each
+        # refusal is an attempt of the text.
+        script.reject_text = "refused text"
         drain(llm, **env)
         dead = dead_letters(rds, settings.dead_letter)
         assert len(dead) == 10 and all("analysis failed 2 times" in d.reason for d in dead.values())
         assert rows(settings.database_url) == 0
 
-        script.replies.clear()  # fixed
+        script.reject_text = None  # fixed
         listing = run_cli(["-m", "sentiment", "deadletter", "list", "--json"], worker_env(llm, **env))
         assert len(listing.stdout.splitlines()) == 10
         dry = run_cli(["-m", "sentiment", "deadletter", "replay", "--dry-run"], worker_env(llm, **env))
