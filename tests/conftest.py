@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -123,3 +124,33 @@ def rows(dsn: str, query: str = "SELECT count(*) FROM sentiment_analysis") -> in
         row = conn.execute(query).fetchone()
         assert row is not None
         return int(row[0])
+
+
+def start_worker(env: dict[str, str]) -> subprocess.Popen[str]:
+    """`python -m sentiment run` in the background, its log on stderr (read with communicate())."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "sentiment", "run"],
+        cwd=ROOT / "tests",
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def drain(settings: Settings, **extra: str) -> subprocess.CompletedProcess[str]:
+    """`python -m sentiment run --drain`, which must exit 0."""
+    result = run_cli(["-m", "sentiment", "run", "--drain"], worker_env(settings, **extra))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def wait_for(check: Callable[[], object], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def llm_env(url: str, **extra: str) -> dict[str, str]:
+    """Settings for MODEL_TYPE=llm against the test server at `url`."""
+    return {"MODEL_TYPE": "llm", "LLM_PROVIDER": "openai", "LLM_API_KEY": "k", "LLM_BASE_URL": url, **extra}

@@ -24,9 +24,9 @@ from sentiment.config import Settings
 from sentiment.processing import SOLO_CRASHES
 from sentiment.throwaway import ThrowawayRedis, free_port, make_workdir
 
-from .conftest import ROOT, rows, run_cli, worker_env
+from .conftest import ROOT, drain, llm_env, rows, run_cli, wait_for, worker_env
+from .conftest import start_worker as start
 from .llm_server import Reply, llm_server
-from .test_integration_deadletter import drain, wait_for
 from .test_integration_hostile import dead_letters
 
 pytestmark = pytest.mark.integration
@@ -39,13 +39,15 @@ def deliveries(rds: redis.Redis, settings: Settings) -> dict[str, int]:
     return {p["message_id"].decode(): int(p["times_delivered"]) for p in pending}
 
 
-def start(env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "sentiment", "run"],
-        cwd=ROOT / "tests",
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
+def impatient_llm_worker(settings: Settings, url: str, port: int, **extra: str) -> dict[str, str]:
+    """An LLM worker that would dead-letter a text after one failure, with /readyz on `port`."""
+    return worker_env(
+        settings,
+        **llm_env(url, **extra),
+        MAX_DELIVERIES="1",
+        CLAIM_MIN_IDLE_MS="200",
+        RECLAIM_INTERVAL_MS="100",
+        METRICS_PORT=str(port),
     )
 
 
@@ -88,10 +90,7 @@ def test_crashes_caused_by_the_environment_never_dead_letter_a_post(
         hanging = worker_env(
             settings,
             **base,
-            MODEL_TYPE="llm",
-            LLM_PROVIDER="openai",
-            LLM_API_KEY="k",
-            LLM_BASE_URL=url,
+            **llm_env(url),
         )
         for kill in range(MAX_DELIVERIES + 2):
             asked = len(script.requests)
@@ -157,18 +156,7 @@ def test_an_llm_outage_or_a_bad_key_is_waited_out_not_dead_lettered(
     with llm_server() as (url, script):
         script.replies.extend([Reply(status=401, body='{"error": "bad key"}')] * 2)
         script.replies.extend([Reply(status=503)] * 4)  # then down: 5xx after retries, the circuit opens
-        env = worker_env(
-            settings,
-            MODEL_TYPE="llm",
-            LLM_PROVIDER="openai",
-            LLM_API_KEY="sk-secret-key",
-            LLM_BASE_URL=url,
-            MAX_DELIVERIES="1",
-            CLAIM_MIN_IDLE_MS="200",
-            RECLAIM_INTERVAL_MS="100",
-            METRICS_PORT=str(port),
-        )
-        proc = start(env)
+        proc = start(impatient_llm_worker(settings, url, port, LLM_API_KEY="sk-secret-key"))
         try:
             wait_for(lambda: (r := readyz(port)) is not None and "LLM_API_KEY" in r.text, "readyz: the key")
             wait_for(lambda: not script.replies, "the outage to pass", timeout=120)
@@ -284,10 +272,7 @@ def test_a_post_that_garbles_the_llms_answer_costs_only_itself(settings: Setting
         script.garble_text = "INJECT"  # every answer to a request holding it is one result short
         drain(
             settings,
-            MODEL_TYPE="llm",
-            LLM_PROVIDER="openai",
-            LLM_API_KEY="k",
-            LLM_BASE_URL=url,
+            **llm_env(url),
             MAX_DELIVERIES="2",
             CLAIM_MIN_IDLE_MS="200",
             RECLAIM_INTERVAL_MS="100",
@@ -306,18 +291,7 @@ def test_a_provider_refusing_every_text_is_an_outage_not_their_fault(
     port = free_port()
     with llm_server() as (url, script):
         script.reject_text = '"'  # in every request
-        env = worker_env(
-            settings,
-            MODEL_TYPE="llm",
-            LLM_PROVIDER="openai",
-            LLM_API_KEY="k",
-            LLM_BASE_URL=url,
-            MAX_DELIVERIES="1",
-            CLAIM_MIN_IDLE_MS="200",
-            RECLAIM_INTERVAL_MS="100",
-            METRICS_PORT=str(port),
-        )
-        proc = start(env)
+        proc = start(impatient_llm_worker(settings, url, port))
         try:
             wait_for(
                 lambda: (r := readyz(port)) is not None and "probe" in r.text, "readyz: the probe failed"

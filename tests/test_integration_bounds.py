@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,24 +23,14 @@ from sentiment.service import EXIT_MARGIN_S, open_processor
 from sentiment.stream import RedisStream
 from sentiment.throwaway import ThrowawayPostgres, ThrowawayRedis, free_port, make_workdir
 
-from .conftest import ROOT, rows, rows_so_far, run_cli, worker_env
+from .conftest import ROOT, drain, rows, rows_so_far, run_cli, wait_for, worker_env
+from .conftest import start_worker as start
 from .fakes import FakeAnalyzer
 from .proxy import Cutter, cutting_proxy
-from .test_integration_deadletter import drain, wait_for
 
 pytestmark = pytest.mark.integration
 
 GRACE_S = 1.0
-
-
-def start(env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "sentiment", "run"],
-        cwd=ROOT / "tests",
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def stop_within_bound(proc: subprocess.Popen[str]) -> tuple[float, str]:

@@ -5,17 +5,16 @@ operator's replay, and one current analysis per post."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 
+import attrs
 import psycopg
 import pytest
 import redis
 
 from sentiment.config import Settings
 
-from .conftest import ROOT, rows, rows_so_far, run_cli, worker_env
+from .conftest import drain, llm_env, rows, rows_so_far, run_cli, start_worker, wait_for, worker_env
 from .llm_server import llm_server
 from .proxy import Cutter, cutting_proxy
 from .test_integration_hostile import dead_letters
@@ -23,19 +22,6 @@ from .test_integration_hostile import dead_letters
 pytestmark = pytest.mark.integration
 
 INVALID = {"post_id": "bad", "content": "x", "created_at": "not a date"}
-
-
-def drain(settings: Settings, **extra: str) -> subprocess.CompletedProcess[str]:
-    result = run_cli(["-m", "sentiment", "run", "--drain"], worker_env(settings, **extra))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def wait_for(check: object, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def test_a_dead_letter_key_that_is_no_stream_is_refused_at_start(
@@ -54,13 +40,7 @@ def test_a_dead_letter_key_that_is_no_stream_is_refused_at_start(
 
 
 def test_a_failing_dead_letter_xadd_never_acks(settings: Settings, rds: redis.Redis) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sentiment", "run"],
-        cwd=ROOT / "tests",
-        env=worker_env(settings),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_worker(worker_env(settings))
     try:
         rds.xadd(settings.stream, {"post_id": "first", "content": "up and running"})
         wait_for(lambda: rows_so_far(settings.database_url) == 1, "the first row")
@@ -108,20 +88,8 @@ def test_a_connection_cut_at_the_dead_letter_write_leaves_one_copy(
 
 def test_replay_after_the_cause_is_fixed_writes_each_post_once(settings: Settings, rds: redis.Redis) -> None:
     with llm_server() as (url, script):
-        llm = Settings(
-            database_url=settings.database_url,
-            redis_url=settings.redis_url,
-            stream=settings.stream,
-            model_type="llm",
-        )
-        env = {
-            "LLM_PROVIDER": "openai",
-            "LLM_API_KEY": "k",
-            "LLM_BASE_URL": url,
-            "MAX_DELIVERIES": "2",
-            "CLAIM_MIN_IDLE_MS": "200",
-            "RECLAIM_INTERVAL_MS": "100",
-        }
+        llm = attrs.evolve(settings, model_type="llm")
+        env = llm_env(url, MAX_DELIVERIES="2", CLAIM_MIN_IDLE_MS="200", RECLAIM_INTERVAL_MS="100")
         for i in range(10):
             rds.xadd(settings.stream, {"post_id": f"r{i}", "content": f"refused text {i}"})
         # The provider refuses these texts as such (HTTP 400), and answers others (the probe): each
@@ -174,7 +142,7 @@ def test_one_post_one_current_analysis(settings: Settings, rds: redis.Redis) -> 
         # A redelivery analysed by another model (the LLM fallback, an upgrade) adds no second row.
         rds.xadd(settings.stream, {"post_id": "p1", "content": "first version"})
         rds.xadd(settings.stream, {"post_id": "p3", "content": "new"})
-        drain(settings, MODEL_TYPE="llm", LLM_PROVIDER="openai", LLM_API_KEY="k", LLM_BASE_URL=url)
+        drain(settings, **llm_env(url))
     # A post_id reused with other content, against the stored post and within one batch.
     rds.xadd(settings.stream, {"post_id": "p1", "content": "other text"})
     first_p2 = rds.xadd(settings.stream, {"post_id": "p2", "content": "a"}).decode()
