@@ -10,7 +10,7 @@ import sys
 
 import trio
 
-from sentiment.cli import _our_error
+from sentiment.cli import _our_error, interrupted
 from sentiment.config import Settings
 from sentiment.errors import ConfigError, SentimentError
 from sentiment.logs import setup_logging
@@ -55,9 +55,13 @@ def main() -> int:
     except (SentimentError, BaseExceptionGroup) as exc:
         ours = _our_error(exc)
         if ours is None:
+            if interrupted(exc):
+                return 130
             raise
         print(f"reclaim: {ours}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
     print(json.dumps(report.as_dict()))
     return 0
 

@@ -120,12 +120,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SentimentError, BaseExceptionGroup) as exc:
         ours = _our_error(exc)
         if ours is None:
+            if interrupted(exc):
+                return 130
             raise
         print(f"sentiment: {ours}", file=sys.stderr)
         return 2 if isinstance(ours, ConfigError) else 1
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def interrupted(exc: BaseException) -> bool:
+    """Ctrl-C, also when trio delivers it inside an exception group."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return isinstance(exc, KeyboardInterrupt)
 
 
 def _our_error(exc: BaseException) -> SentimentError | None:

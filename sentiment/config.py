@@ -26,6 +26,32 @@ LOG_FORMATS = ("text", "json")
 _SECRET_PARAMS = frozenset({"password", "sslpassword", "pass", "pwd"})
 
 
+def one_line(text: str) -> str:
+    """A message as one line: driver messages carry DETAIL/CONTEXT lines, field names may hold newlines."""
+    return " | ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def _secrets(url: str) -> list[str]:
+    """The password in a URL, as written (a driver may echo a token it could not decode) and decoded."""
+    rest = url.partition("://")[2]
+    authority, _, query = rest.partition("?")
+    userinfo = authority.partition("/")[0].rpartition("@")[0]
+    found = [userinfo.partition(":")[2]] if ":" in userinfo else []
+    for part in query.split("&"):
+        key, _, value = part.partition("=")
+        if unquote(key).lower() in _SECRET_PARAMS:
+            found.append(value)
+    return [s for raw in found for s in {raw, unquote(raw)} if len(s) >= 3]
+
+
+def driver_text(exc: BaseException, *urls: str) -> str:
+    """A driver's error message as one line, without any password of `urls` in it."""
+    text = one_line(str(exc))
+    for secret in sorted((s for url in urls for s in _secrets(url)), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
 def mask_url(url: str) -> str:
     """The URL with its password replaced by `***` (in the user-info part and in query parameters), for
     logs, error messages and `stats`."""

@@ -85,7 +85,9 @@ class Monitor:
 
     def ready(self) -> tuple[bool, str]:
         p = self.worker.processor
-        missing = [] if p.analyzer.loaded else ["model: not loaded"]
+        # Not ready before the start-up checks (keys, schema, grants, model) have passed: a fast 200
+        # would only flap to 503 when one of them fails. What they wait for is said below.
+        missing = [] if self.worker.prepared else ["starting: checking keys, schema, grants and the model"]
         for name, service in (("model", p.model), ("redis", p.redis), ("postgres", p.postgres)):
             if not service.up:
                 missing.append(f"{name}: {service.reason}")

@@ -81,6 +81,9 @@ class Worker:
         self._deadline = math.inf  # set by stop(): when batches still in flight get cancelled
         self._committing: tuple[Batch, float] | None = None  # the batch in the writer, since when
         self._stuck_reported: Batch | None = None
+        # In flight, but their leases were released while the writer was stuck: another worker may own
+        # them now, and renewing (XCLAIM to us) would take them back. They are never renewed again.
+        self._released: set[str] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -177,11 +180,15 @@ class Worker:
                     count = await self._page_size(
                         "-" if cursor == "0-0" else cursor, None, s.claim_min_idle_ms
                     )
+                    # XAUTOCLAIM may return our own in-flight entries (a slow read, a released lease);
+                    # one the writer finished while the claim was under way must not go round again.
+                    busy = set(self.inflight)
                     claimed = await retrying(
                         p.redis, self.stream.autoclaim, cursor, s.claim_min_idle_ms, count
                     )
                     await self._ack_deleted(list(claimed.deleted))
-                    fresh = [e for e in claimed.entries if e.id not in self.inflight]
+                    busy.update(self.inflight)
+                    fresh = [e for e in claimed.entries if e.id not in busy]
                     if fresh:
                         self.totals.reclaimed += len(fresh)
                         log.info("reclaimed %d idle entries", len(fresh))
@@ -221,6 +228,7 @@ class Worker:
                     break
                 for entry in batch.entries:
                     self.inflight.pop(entry.id, None)
+                    self._released.discard(entry.id)
                 self.totals.add(outcome)
                 self.last_progress = time.monotonic()
                 for hook in self.on_commit:
@@ -258,7 +266,9 @@ class Worker:
                     len(self.inflight) - len(entries),
                 )
             # Stuck: everything queued behind the writer waits as long, so no lease is renewed.
-            ids = [] if stuck else list(self.inflight)
+            if stuck:
+                self._released.update(self.inflight)
+            ids = [] if stuck else [i for i in self.inflight if i not in self._released]
             if ids:
                 await retrying(self.processor.redis, self.stream.renew, ids)
 

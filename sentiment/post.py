@@ -151,7 +151,10 @@ def _meta(values: Mapping[str, Any], name: str) -> str:
 
 def _created_at(value: Any, entry_id: str) -> datetime:
     if value is None or value == "":
-        return entry_time(entry_id)
+        default = entry_time(entry_id)  # a producer may choose the entry ID: the same range applies
+        if not MIN_YEAR <= default.year <= MAX_YEAR:
+            raise InvalidPost(f"created_at is missing and the entry ID's time is out of range: {entry_id}")
+        return default
     if not isinstance(value, str):
         raise InvalidPost(f"created_at must be an ISO-8601 string, got {type(value).__name__}")
     try:

@@ -32,7 +32,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .analysis.base import Analysis
-from .config import mask_url
+from .config import driver_text, mask_url
 from .errors import ConfigError, StoreError, StoreFailure, StoreUnavailable
 from .post import Post
 
@@ -233,16 +233,18 @@ class PostgresStore:
             # The connection broke (server gone, cut at commit): the transaction's fate is unknown, so the
             # caller retries the whole batch and ON CONFLICT absorbs it if it had committed.
             self._close()
-            raise StoreUnavailable(f"PostgreSQL at {mask_url(self.dsn)}: {str(exc).strip()}") from exc
+            raise StoreUnavailable(
+                f"PostgreSQL at {mask_url(self.dsn)}: {driver_text(exc, self.dsn)}"
+            ) from exc
         except (psycopg.DataError, psycopg.IntegrityError) as exc:
-            raise StoreError(f"PostgreSQL refused the data: {str(exc).strip()}") from exc
+            raise StoreError(f"PostgreSQL refused the data: {driver_text(exc, self.dsn)}") from exc
         except psycopg.errors.InsufficientPrivilege as exc:
             raise StoreFailure(
-                f"PostgreSQL at {mask_url(self.dsn)}: {str(exc).strip()} (GRANT the role in DATABASE_URL "
+                f"PostgreSQL at {mask_url(self.dsn)}: {driver_text(exc, self.dsn)} (GRANT the role in DATABASE_URL "
                 "the privileges the worker needs, see README)"
             ) from exc
         except psycopg.Error as exc:
-            raise StoreFailure(f"PostgreSQL at {mask_url(self.dsn)}: {str(exc).strip()}") from exc
+            raise StoreFailure(f"PostgreSQL at {mask_url(self.dsn)}: {driver_text(exc, self.dsn)}") from exc
 
     async def ping(self) -> bool:
         await self._run(lambda conn: conn.execute("SELECT 1"))

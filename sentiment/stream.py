@@ -18,7 +18,7 @@ import redis.exceptions as rex
 import trio_asyncio
 
 from . import deadletter
-from .config import Settings, mask_url
+from .config import Settings, driver_text, mask_url, one_line
 from .errors import ConfigError, OutOfMemory, StreamUnavailable
 
 T = TypeVar("T")
@@ -61,11 +61,6 @@ class PendingEntry:
     consumer: str
     idle_ms: int
     deliveries: int
-
-
-def one_line(text: str) -> str:
-    """A reason as one line: driver messages carry DETAIL/CONTEXT lines, field names may hold newlines."""
-    return " | ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 @attrs.frozen
@@ -140,15 +135,16 @@ class RedisStream:
                 f"Redis at {mask_url(self.settings.redis_url)} refused the credentials in REDIS_URL or "
                 f"REDIS_PASSWORD: {exc}"
             ) from None
+        except rex.InvalidResponse as exc:
+            if "memory" not in str(exc).lower():
+                raise
+            raise self._out_of_memory() from None
         except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
-            raise StreamUnavailable(f"Redis at {mask_url(self.settings.redis_url)}: {exc}") from exc
+            raise StreamUnavailable(
+                f"Redis at {mask_url(self.settings.redis_url)}: {driver_text(exc, self.settings.redis_url)}"
+            ) from exc
         except MemoryError:
-            # Entries too large to hold together. The process stops; the next start reads entries
-            # delivered more than MAX_DELIVERIES times one at a time (Worker._page_size).
-            raise OutOfMemory(
-                "out of memory reading entries from Redis: they stay pending, and once delivered more "
-                "than MAX_DELIVERIES times they are read one at a time"
-            ) from None
+            raise self._out_of_memory() from None
         except rex.ResponseError as exc:
             message = str(exc)
             if message.startswith("NOGROUP"):
@@ -162,6 +158,16 @@ class RedisStream:
                 # backoff (one log line), entries stay pending.
                 raise StreamUnavailable(f"Redis refused a command: {message}") from exc
             raise
+
+    @staticmethod
+    def _out_of_memory() -> OutOfMemory:
+        # Entries too large to hold together (hiredis reports it as MemoryError or as an invalid reply).
+        # The process stops; the next start reads entries delivered more than MAX_DELIVERIES times one
+        # at a time (Worker._page_size).
+        return OutOfMemory(
+            "out of memory reading entries from Redis: they stay pending, and once delivered more than "
+            "MAX_DELIVERIES times they are read one at a time"
+        )
 
     async def ping(self) -> bool:
         await self._call(self._redis.ping)

@@ -60,7 +60,7 @@ async def test_metrics_move_and_readiness_follows_the_model(settings: Settings, 
                     rds.xadd(settings.stream, {"post_id": f"m{i}", "content": "nice"})
                 rds.xadd(settings.stream, {"content": "no id"})
                 nursery.start_soon(worker.run)
-                while not (await get(port, "/readyz")).text.startswith("not ready: model"):  # noqa: ASYNC110
+                while not (await get(port, "/readyz")).text.startswith("not ready: starting"):  # noqa: ASYNC110
                     await trio.sleep(0.05)
                 assert (await get(port, "/readyz")).status_code == 503
                 assert (await get(port, "/healthz")).status_code == 200

@@ -47,7 +47,10 @@ class LocalAnalyzer:
     async def load(self) -> None:
         async with self._load_lock:
             if not self._loaded:
-                await trio.to_thread.run_sync(self.load_blocking, limiter=self._limiter)
+                # Abandoned on cancel: a SIGTERM during a slow load must not wait for it.
+                await trio.to_thread.run_sync(
+                    self.load_blocking, limiter=self._limiter, abandon_on_cancel=True
+                )
 
     def load_blocking(self) -> None:
         """Load now, in this thread (scripts call it; the worker goes through `load`)."""
