@@ -19,11 +19,11 @@ def main() -> None:
         "--output", type=Path, default=ARTEFACT, help="artefact to write (default: the packaged one)"
     )
     parser.add_argument("--seed", type=int, default=13)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=6e-4)
+    parser.add_argument("--lr", type=float, default=8e-4)
     parser.add_argument("--lora-rank", type=int, default=16)
-    parser.add_argument("--frozen-layers", type=int, default=3, help="lower encoder layers left unadapted")
+    parser.add_argument("--frozen-layers", type=int, default=2, help="lower encoder layers left unadapted")
     parser.add_argument(
         "--optimism", default="joy", help="what TweetEval optimism tweets train as; 'none' leaves them out"
     )
