@@ -60,7 +60,9 @@ def compare_models(
     artefacts: Sequence[Path], n: int, batch_size: int, rounds: int, threads: int = 0, quantize: bool = True
 ) -> dict[str, Any]:
     """Posts/s of several artefacts, timed in turns within one process: on a shared, noisy machine a ratio
-    of interleaved runs is fairer than two runs minutes apart. Ratios are against the first artefact."""
+    of interleaved runs is fairer than two runs minutes apart. Ratios are against the first artefact.
+    Ratios of one run still swung from 0.94 to 1.06 for models of the same compute (0.986 for an artefact
+    against a copy of itself): run both orders, more than once, and take the geometric mean."""
     from .analysis.embedded import EmbeddedAnalyzer
 
     analyzers = [EmbeddedAnalyzer(quantize=quantize, threads=threads, artefact=a) for a in artefacts]
