@@ -19,11 +19,16 @@ def main() -> None:
         "--output", type=Path, default=ARTEFACT, help="artefact to write (default: the packaged one)"
     )
     parser.add_argument("--seed", type=int, default=13)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=6e-4)
+    parser.add_argument("--lr", type=float, default=8e-4)
     parser.add_argument("--lora-rank", type=int, default=16)
-    parser.add_argument("--frozen-layers", type=int, default=3, help="lower encoder layers left unadapted")
+    parser.add_argument("--frozen-layers", type=int, default=2, help="lower encoder layers left unadapted")
+    parser.add_argument(
+        "--optimism", default="joy", help="what TweetEval optimism tweets train as; 'none' leaves them out"
+    )
+    parser.add_argument("--tweet-repeats", type=int, default=1, help="TweetEval emotion tweets per epoch")
+    parser.add_argument("--balanced", action="store_true", help="class-weighted sentiment loss")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--limit", type=int, default=0, help="at most this many examples per task (smoke runs)"
@@ -43,6 +48,9 @@ def main() -> None:
             lora_alpha=2.0 * a.lora_rank,
             frozen_layers=a.frozen_layers,
             threads=a.threads,
+            optimism=None if a.optimism == "none" else a.optimism,
+            tweet_repeats=a.tweet_repeats,
+            balanced=a.balanced,
             limit=a.limit,
         )
     )

@@ -10,7 +10,8 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from .synthetic import synthetic_posts
@@ -52,6 +53,50 @@ def bench_model(
         "batch_size": batch_size,
         "quantized": quantize,
         "threads": analyzer.streams,
+    }
+
+
+def compare_models(
+    artefacts: Sequence[Path], n: int, batch_size: int, rounds: int, threads: int = 0, quantize: bool = True
+) -> dict[str, Any]:
+    """Posts/s of several artefacts, timed in turns within one process: on a shared, noisy machine a ratio
+    of interleaved runs is fairer than two runs minutes apart. Ratios are against the first artefact.
+    Ratios of one run still swung from 0.94 to 1.06 for models of the same compute (0.986 for an artefact
+    against a copy of itself): run both orders, more than once, and take the geometric mean."""
+    from .analysis.embedded import EmbeddedAnalyzer
+
+    analyzers = [EmbeddedAnalyzer(quantize=quantize, threads=threads, artefact=a) for a in artefacts]
+    texts = [p["content"] for p in synthetic_posts(n, seed=7)]
+    for analyzer in analyzers:
+        analyzer.load_blocking()
+        analyzer.predict(texts[:batch_size])  # warm-up
+    rates: list[list[float]] = [[] for _ in analyzers]
+    for turn in range(rounds):
+        # Alternate who goes first, so neither always follows the same neighbour.
+        order = range(len(analyzers)) if turn % 2 == 0 else reversed(range(len(analyzers)))
+        for k in order:
+            started = time.perf_counter()
+            for i in range(0, n, batch_size):
+                analyzers[k].predict(texts[i : i + batch_size])
+            rates[k].append(n / (time.perf_counter() - started))
+    medians = [statistics.median(r) for r in rates]
+    # Per round, each artefact against the first: paired ratios cancel the machine's slower minutes.
+    paired = [statistics.median(r / f for r, f in zip(rs, rates[0], strict=True)) for rs in rates]
+    return {
+        "models": [
+            {
+                "artefact": str(a),
+                "posts_per_s": round(m, 1),
+                "runs": [round(x, 1) for x in r],
+                "ratio_to_first": round(q, 3),
+            }
+            for a, m, r, q in zip(artefacts, medians, rates, paired, strict=True)
+        ],
+        "n": n,
+        "batch_size": batch_size,
+        "rounds": rounds,
+        "quantized": quantize,
+        "threads": analyzers[0].streams,
     }
 
 

@@ -45,3 +45,38 @@ def test_scores() -> None:
     s = data.scores([0, 0, 1, 2], [0, 1, 1, 2], 3)
     assert s["accuracy"] == 0.75
     assert abs(s["macro_recall"] - (0.5 + 1 + 1) / 3) < 1e-9
+
+
+def make_tweet_emotion(root: Path, split: str = "train") -> Path:
+    folder = root / "tweeteval/emotion"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "mapping.txt").write_text("0\tanger\n1\tjoy\n2\toptimism\n3\tsadness\n")
+    (folder / f"{split}_text.txt").write_text(
+        "so mad @bob\nyay &amp; sun\ntomorrow will be better\nmiss you http://x.co\n"
+    )
+    (folder / f"{split}_labels.txt").write_text("0\n1\n2\n3\n")
+    return root
+
+
+def test_tweeteval_emotion_maps_to_our_ids_and_optimism_as_asked(tmp_path: Path) -> None:
+    root = make_tweet_emotion(tmp_path)
+    dropped = data.tweeteval_emotion(root, "train")
+    assert dropped.texts == ("so mad @user", "yay & sun", "miss you http")  # normalised as at run time
+    assert dropped.labels == (2, 0, 1)  # EMOTIONS order: joy, sadness, anger, ...
+    as_joy = data.tweeteval_emotion(root, "train", optimism="joy")
+    assert as_joy.texts[2] == "tomorrow will be better"
+    assert as_joy.labels == (2, 0, 0, 1)
+
+
+def test_scores_over_a_subset_of_classes_count_other_predictions_as_wrong() -> None:
+    joy, sadness, anger, neutral = 0, 1, 2, 5
+    s = data.scores([anger, joy, sadness, joy], [anger, joy, neutral, joy], 6, data.TWEET_EMOTIONS)
+    assert s["accuracy"] == 0.75
+    assert abs(s["macro_recall"] - (1 + 1 + 0) / 3) < 1e-9  # neutral is no class of the average
+    assert abs(s["macro_f1"] - (1 + 1 + 0) / 3) < 1e-9
+    assert data.confusion(
+        [anger, sadness], [anger, neutral], ["joy", "sadness", "anger", "f", "s", "neutral"]
+    ) == {
+        "anger": {"anger": 1},
+        "sadness": {"neutral": 1},
+    }

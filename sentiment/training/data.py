@@ -85,12 +85,40 @@ def goemotions(data_dir: Path, split: str) -> Examples:
     return Examples(tuple(texts), tuple(labels))
 
 
-def scores(gold: Sequence[int], predicted: Sequence[int], n_classes: int) -> dict[str, float]:
-    """Macro-averaged recall and F1, and accuracy."""
+def tweeteval_emotion(data_dir: Path, split: str, *, optimism: str | None = None) -> Examples:
+    """TweetEval emotion tweets in our EMOTIONS ids. `optimism` is the emotion its items are trained as, or
+    None to drop them: it is no emotion of ours, and the scored classes are anger, joy and sadness."""
+    folder = data_dir / "tweeteval" / "emotion"
+    names = dict(line.split("\t", 1) for line in _lines(folder / "mapping.txt") if "\t" in line)
+    texts: list[str] = []
+    labels: list[int] = []
+    raw = _lines(folder / f"{split}_text.txt")
+    for text, label in zip(raw, _lines(folder / f"{split}_labels.txt"), strict=True):
+        name = names[label.strip()].strip()
+        target = optimism if name == "optimism" else DEFAULT_EMOTION_MAP[name]
+        if target is None:
+            continue
+        texts.append(normalize_tweet(text))
+        labels.append(EMOTIONS.index(target))
+    return Examples(tuple(texts), tuple(labels))
+
+
+# The classes TweetEval emotion shares with our six: its scores average over these only.
+TWEET_EMOTIONS: tuple[int, ...] = tuple(EMOTIONS.index(e) for e in ("anger", "joy", "sadness"))
+
+
+def scores(
+    gold: Sequence[int],
+    predicted: Sequence[int] | np.ndarray,
+    n_classes: int,
+    classes: Sequence[int] | None = None,
+) -> dict[str, float]:
+    """Macro-averaged recall and F1 over `classes` (default: all `n_classes`), and accuracy over every item
+    (a prediction outside `classes` counts as wrong)."""
     g = np.asarray(gold)
     p = np.asarray(predicted)
     recalls, f1s = [], []
-    for c in range(n_classes):
+    for c in range(n_classes) if classes is None else classes:
         tp = float(np.sum((g == c) & (p == c)))
         support = float(np.sum(g == c))
         predicted_c = float(np.sum(p == c))
@@ -103,3 +131,14 @@ def scores(gold: Sequence[int], predicted: Sequence[int], n_classes: int) -> dic
         "macro_f1": float(np.mean(f1s)),
         "accuracy": float(np.mean(g == p)) if len(g) else 0.0,
     }
+
+
+def confusion(
+    gold: Sequence[int], predicted: Sequence[int], names: Sequence[str]
+) -> dict[str, dict[str, int]]:
+    """Counts by gold label, then predicted label; labels no item has are left out."""
+    table: dict[str, dict[str, int]] = {}
+    for g, p in zip(gold, predicted, strict=True):
+        row = table.setdefault(names[g], {})
+        row[names[p]] = row.get(names[p], 0) + 1
+    return table
