@@ -169,18 +169,23 @@ class Processor:
 
     async def _analyse_or_blame(self, texts: list[str]) -> list[Analysis | str]:
         results = await self._analyse_isolated(texts)
-        if results and all(isinstance(r, str) for r in results):
-            # Every text failed, each on its own. A provider that refuses the account (a 400 for
-            # credit or a retired model) or a broken model fails them all alike: before the texts are
-            # blamed, the model must answer a plain one.
-            try:
-                await self.analyzer.analyze([PROBE_TEXT])
-            except ModelUnavailable:
-                raise
-            except Exception as exc:
-                raise ModelUnavailable(
-                    f"the model fails on every text, and on a plain probe text too: {type(exc).__name__}: {exc}"
-                ) from exc
+        failed = [i for i, r in enumerate(results) if isinstance(r, str)]
+        if not failed:
+            return results
+        # Before a text is blamed, the model must answer a plain one, and the text must fail again
+        # after that. A provider that refuses the account (a 400 for credit, a retired model) or a broken
+        # model fails every text alike; one that recovers half-way through the batch fails only those
+        # asked first. Neither is the texts' fault.
+        try:
+            await self.analyzer.analyze([PROBE_TEXT])
+        except ModelUnavailable:
+            raise
+        except Exception as exc:
+            raise ModelUnavailable(
+                f"the model fails on a plain probe text too: {type(exc).__name__}: {exc}"
+            ) from exc
+        for i in failed:
+            [results[i]] = await self._analyse_isolated([texts[i]])
         return results
 
     async def _analyse_isolated(self, texts: list[str]) -> list[Analysis | str]:

@@ -300,3 +300,40 @@ async def test_summary_line_every_30s_has_rate_lag_and_errors(
         worker.stop()
     [line] = [r.getMessage() for r in caplog.records if "posts/s" in r.getMessage()]
     assert "lag 0" in line and "written 20" in line and "analysis errors 0" in line
+
+
+class RecoveringAnalyzer(FakeAnalyzer):
+    """Fails its first `failures` calls whatever the texts (a provider coming back half-way through)."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def analyze(self, texts: list[str]) -> list:  # type: ignore[override]
+        self.calls.append(list(texts))
+        if self.failures:
+            self.failures -= 1
+            raise ModelError("provider hiccup")
+        return await super().analyze(texts)
+
+
+async def test_a_model_that_recovers_half_way_through_a_batch_blames_no_text(autojump_clock: Clock) -> None:
+    # The batch fails, then its first two texts alone, then the model is back: with MAX_DELIVERIES=1 a
+    # blamed text would be dead-lettered at once.
+    group, store = FakeGroup(), FakeStore()
+    publish(group, 4)
+    analyzer = RecoveringAnalyzer(failures=3)
+    await make_worker(group, store, analyzer, max_deliveries=1).run(drain=True)
+    assert group.dead == [] and set(store.analyses) == {"p0", "p1", "p2", "p3"}
+    assert group.attempts == {}
+
+
+async def test_a_model_failing_every_text_and_the_probe_waits_and_blames_none(autojump_clock: Clock) -> None:
+    group, store = FakeGroup(), FakeStore()
+    publish(group, 3)
+    analyzer = RecoveringAnalyzer(failures=40)  # a long outage that says "error", not "unavailable"
+    worker = make_worker(group, store, analyzer, max_deliveries=1)
+    with trio.fail_after(3600):
+        await worker.run(drain=True)
+    assert group.dead == [] and set(store.analyses) == {"p0", "p1", "p2"}
+    assert analyzer.failures == 0  # it waited the whole outage out
