@@ -50,7 +50,7 @@ def stream_name() -> Iterator[str]:
     name = f"test:{uuid.uuid4().hex[:12]}"
     yield name
     r = redis.Redis.from_url(REDIS_URL)
-    r.delete(name, f"{name}:dead")
+    r.delete(name, f"{name}:dead", f"{name}:attempts:sentiment_workers")
     r.close()
 
 
