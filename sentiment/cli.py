@@ -130,18 +130,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def interrupted(exc: BaseException) -> bool:
-    """Ctrl-C, also when trio delivers it inside an exception group."""
+def _alone(exc: BaseException) -> BaseException:
+    """The one exception inside the exception groups trio wraps it in (from the worker's nursery)."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
-    return isinstance(exc, KeyboardInterrupt)
+    return exc
+
+
+def interrupted(exc: BaseException) -> bool:
+    """Ctrl-C, also when trio delivers it inside an exception group."""
+    return isinstance(_alone(exc), KeyboardInterrupt)
 
 
 def _our_error(exc: BaseException) -> SentimentError | None:
-    """Our own error, also when trio delivers it inside an exception group from the worker's nursery."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc if isinstance(exc, SentimentError) else None
+    """Our own error, also when trio delivers it inside an exception group."""
+    inner = _alone(exc)
+    return inner if isinstance(inner, SentimentError) else None
 
 
 async def _migrate(settings: Settings) -> int:

@@ -31,16 +31,18 @@ def one_line(text: str) -> str:
     return " | ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
+def _is_secret_param(part: str) -> bool:
+    """Whether one `key=value` of a query string carries a secret."""
+    return unquote(part.partition("=")[0]).lower() in _SECRET_PARAMS
+
+
 def _secrets(url: str) -> list[str]:
     """The password in a URL, as written (a driver may echo a token it could not decode) and decoded."""
     rest = url.partition("://")[2]
     authority, _, query = rest.partition("?")
     userinfo = authority.partition("/")[0].rpartition("@")[0]
     found = [userinfo.partition(":")[2]] if ":" in userinfo else []
-    for part in query.split("&"):
-        key, _, value = part.partition("=")
-        if unquote(key).lower() in _SECRET_PARAMS:
-            found.append(value)
+    found.extend(part.partition("=")[2] for part in query.split("&") if _is_secret_param(part))
     return [s for raw in found for s in {raw, unquote(raw)} if len(s) >= 3]
 
 
@@ -67,8 +69,7 @@ def mask_url(url: str) -> str:
         parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
     if parts.query:
         query = "&".join(
-            f"{p.split('=', 1)[0]}=***" if unquote(p.split("=", 1)[0]).lower() in _SECRET_PARAMS else p
-            for p in parts.query.split("&")
+            f"{p.partition('=')[0]}=***" if _is_secret_param(p) else p for p in parts.query.split("&")
         )
         parts = parts._replace(query=query)
     return urlunsplit(parts)

@@ -94,8 +94,7 @@ class Post:
             values = {_utf8(k, "a field name"): v for k, v in fields.items()}
             values = {k: _utf8(v, k) for k, v in values.items()}
 
-        content = _text(values, "content", required=True)
-        size = len(content.encode("utf-8"))
+        content, size = _text_and_size(values, "content", required=True)
         if size > max_content_bytes:
             raise InvalidPost(f"content is {size} bytes, over the limit of {max_content_bytes}")
         post_id = _text(values, "post_id", required=True)
@@ -124,22 +123,27 @@ def _utf8(value: bytes, what: str) -> str:
 
 
 def _text(values: Mapping[str, Any], name: str, *, required: bool) -> str:
+    return _text_and_size(values, name, required=required)[0]
+
+
+def _text_and_size(values: Mapping[str, Any], name: str, *, required: bool) -> tuple[str, int]:
+    """The field as text and its size in UTF-8 bytes (encoded once: it is how lone surrogates show)."""
     value = values.get(name)
     if value is None:
         if required:
             raise InvalidPost(f"required field {name} is missing")
-        return ""
+        return "", 0
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise InvalidPost(f"{name} must be a string, got {type(value).__name__}")
     text = str(value)
     try:
-        text.encode("utf-8")
+        size = len(text.encode("utf-8"))
     except UnicodeEncodeError as exc:
         # JSON may spell a lone surrogate ("\ud800"); no UTF-8 text, and so no database, can hold it.
         raise InvalidPost(
             f"{name} holds a lone surrogate (\\u{ord(text[exc.start]):04x}) at character {exc.start}"
         ) from None
-    return text
+    return text, size
 
 
 def _meta(values: Mapping[str, Any], name: str) -> str:
@@ -151,10 +155,8 @@ def _meta(values: Mapping[str, Any], name: str) -> str:
 
 def _created_at(value: Any, entry_id: str) -> datetime:
     if value is None or value == "":
-        default = entry_time(entry_id)  # a producer may choose the entry ID: the same range applies
-        if not MIN_YEAR <= default.year <= MAX_YEAR:
-            raise InvalidPost(f"created_at is missing and the entry ID's time is out of range: {entry_id}")
-        return default
+        # A producer may choose the entry ID: the same range applies to its time.
+        return _readable(entry_time(entry_id), "created_at is missing and the entry ID's time", entry_id)
     if not isinstance(value, str):
         raise InvalidPost(f"created_at must be an ISO-8601 string, got {type(value).__name__}")
     try:
@@ -165,7 +167,11 @@ def _created_at(value: Any, entry_id: str) -> datetime:
         utc = parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     except OverflowError:
         utc = None
-    # Stored in UTC, and read back by Python: both ends must stay within what a datetime can hold.
-    if utc is None or not MIN_YEAR <= utc.year <= MAX_YEAR:
-        raise InvalidPost(f"created_at is out of range ({MIN_YEAR} to {MAX_YEAR}): {value[:64]!r}")
-    return utc
+    return _readable(utc, "created_at", repr(value[:64]))
+
+
+def _readable(when: datetime | None, what: str, given: str) -> datetime:
+    """Stored in UTC and read back by Python: both ends must stay within what a datetime can hold."""
+    if when is None or not MIN_YEAR <= when.year <= MAX_YEAR:
+        raise InvalidPost(f"{what} is out of range ({MIN_YEAR} to {MAX_YEAR}): {given}")
+    return when

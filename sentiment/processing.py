@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import attrs
 import trio
 
-from .analysis.base import Analysis, Analyzer
+from .analysis.base import Analysis, Analyzer, analyse_each
 from .config import Settings
 from .errors import ConfigError, InvalidPost, ModelError, ModelUnavailable, StoreError
 from .post import Limits, Post
@@ -95,10 +95,11 @@ class Processor:
         # Only a model in this process can be killed by a text: for a remote one, redelivered entries
         # are analysed with the others.
         alone = [e for e in entries if e.deliveries > max_attempts and self.analyzer.in_process]
+        alone_ids = {e.id for e in alone}
         dead: list[DeadLetter] = []
         posts: list[Post] = []
         for entry in entries:
-            if entry not in alone:
+            if entry.id not in alone_ids:
                 self._parse(entry, posts, dead)
         started = trio.current_time()
         results = await self._analyse([p.content for p in posts])
@@ -168,7 +169,7 @@ class Processor:
         return await retrying(self.model, self._analyse_or_blame, texts, max_wait=30.0)
 
     async def _analyse_or_blame(self, texts: list[str]) -> list[Analysis | str]:
-        results = await self._analyse_isolated(texts)
+        results = await analyse_each(self.analyzer, texts)
         failed = [i for i, r in enumerate(results) if isinstance(r, str)]
         if not failed:
             return results
@@ -185,27 +186,8 @@ class Processor:
                 f"the model fails on a plain probe text too: {type(exc).__name__}: {exc}"
             ) from exc
         for i in failed:
-            [results[i]] = await self._analyse_isolated([texts[i]])
+            [results[i]] = await analyse_each(self.analyzer, [texts[i]])
         return results
-
-    async def _analyse_isolated(self, texts: list[str]) -> list[Analysis | str]:
-        """Analyse the batch; if it fails, each text alone, so one bad text costs only itself."""
-        if not texts:
-            return []
-        try:
-            return list(await self.analyzer.analyze(texts))
-        except ModelUnavailable:
-            raise
-        except Exception as exc:  # any other analyzer error: isolate below, never crash the worker
-            if not self.analyzer.loaded:
-                # A model that cannot load is no post's fault: stop, leaving every entry pending.
-                raise ModelError(f"the model could not be loaded: {exc}") from exc
-            if len(texts) == 1:
-                return [f"{type(exc).__name__}: {exc}"[:300]]
-        out: list[Analysis | str] = []
-        for text in texts:
-            out.extend(await self._analyse_isolated([text]))
-        return out
 
     # -- write, dead-letter, ack -------------------------------------------------------------------------
 

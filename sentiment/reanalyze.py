@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import attrs
 
-from .analysis.base import Analyzer
+from .analysis.base import Analysis, Analyzer, analyse_each
+from .errors import ModelUnavailable
 from .post import Post
 from .store import PostgresStore, Record
 
@@ -55,11 +56,9 @@ async def reanalyze(
 
 
 async def _analyse(analyzer: Analyzer, posts: list[Post]) -> list[Record]:
-    """The batch's analyses; if the batch fails, post by post, leaving out the ones that fail."""
+    """The analyses the model gives; the posts it fails on are left out (their rows stay as they are)."""
     try:
-        results = await analyzer.analyze([p.content for p in posts])
-        return [Record(p, r) for p, r in zip(posts, results, strict=True)]
-    except Exception:
-        if len(posts) == 1:
-            return []
-    return [record for post in posts for record in await _analyse(analyzer, [post])]
+        results = await analyse_each(analyzer, [p.content for p in posts])
+    except ModelUnavailable:
+        return []
+    return [Record(p, r) for p, r in zip(posts, results, strict=True) if isinstance(r, Analysis)]

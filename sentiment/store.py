@@ -233,18 +233,20 @@ class PostgresStore:
             # The connection broke (server gone, cut at commit): the transaction's fate is unknown, so the
             # caller retries the whole batch and ON CONFLICT absorbs it if it had committed.
             self._close()
-            raise StoreUnavailable(
-                f"PostgreSQL at {mask_url(self.dsn)}: {driver_text(exc, self.dsn)}"
-            ) from exc
+            raise StoreUnavailable(self._said(exc)) from exc
         except (psycopg.DataError, psycopg.IntegrityError) as exc:
             raise StoreError(f"PostgreSQL refused the data: {driver_text(exc, self.dsn)}") from exc
         except psycopg.errors.InsufficientPrivilege as exc:
             raise StoreFailure(
-                f"PostgreSQL at {mask_url(self.dsn)}: {driver_text(exc, self.dsn)} (GRANT the role in DATABASE_URL "
-                "the privileges the worker needs, see README)"
+                f"{self._said(exc)} (GRANT the role in DATABASE_URL the privileges the worker needs, "
+                "see README)"
             ) from exc
         except psycopg.Error as exc:
-            raise StoreFailure(f"PostgreSQL at {mask_url(self.dsn)}: {driver_text(exc, self.dsn)}") from exc
+            raise StoreFailure(self._said(exc)) from exc
+
+    def _said(self, exc: BaseException) -> str:
+        """What PostgreSQL said, as one line without secrets, and which server said it."""
+        return f"PostgreSQL at {mask_url(self.dsn)}: {driver_text(exc, self.dsn)}"
 
     async def ping(self) -> bool:
         await self._run(lambda conn: conn.execute("SELECT 1"))

@@ -22,20 +22,22 @@ from .config import Settings, driver_text, mask_url, one_line
 from .errors import ConfigError, OutOfMemory, StreamUnavailable
 
 T = TypeVar("T")
-# Error replies that say the environment is wrong (busy, read-only, out of memory, ACL, a key of the
+# Error codes that say the environment is wrong (busy, read-only, out of memory, ACL, a key of the
 # wrong type), not an entry.
-_NOT_OURS = (
-    "LOADING",
-    "BUSY",
-    "TRYAGAIN",
-    "MASTERDOWN",
-    "READONLY",
-    "OOM",
-    "MISCONF",
-    "NOREPLICAS",
-    "CLUSTERDOWN",
-    "NOPERM",
-    "WRONGTYPE",
+_NOT_OURS = frozenset(
+    {
+        "LOADING",
+        "BUSY",
+        "TRYAGAIN",
+        "MASTERDOWN",
+        "READONLY",
+        "OOM",
+        "MISCONF",
+        "NOREPLICAS",
+        "CLUSTERDOWN",
+        "NOPERM",
+        "WRONGTYPE",
+    }
 )
 
 
@@ -90,6 +92,11 @@ class Stream(Protocol):
     async def pending_count(self) -> int: ...
     async def group_info(self) -> dict[str, int]: ...
     async def trim_acked(self, min_age_ms: int) -> int: ...
+
+
+def _no_such_key(exc: rex.ResponseError) -> bool:
+    """The XINFO reply for a key that does not exist (yet)."""
+    return "no such key" in str(exc).lower()
 
 
 def _decode(value: Any) -> str:
@@ -153,7 +160,7 @@ class RedisStream:
                 raise StreamUnavailable(
                     f"consumer group {self.group} was missing and has been recreated"
                 ) from exc
-            if message.startswith(_NOT_OURS):
+            if message.partition(" ")[0] in _NOT_OURS:  # the error code: BUSY is not BUSYGROUP
                 # The server, its configuration or a key someone changed: no entry's fault. Retried with
                 # backoff (one log line), entries stay pending.
                 raise StreamUnavailable(f"Redis refused a command: {message}") from exc
@@ -176,19 +183,10 @@ class RedisStream:
     async def ensure_group(self) -> None:
         # From ID 0, not `$`: posts published before the first worker started are not skipped.
         try:
-            await trio_asyncio.aio_as_trio(self._redis.xgroup_create)(
-                self.name, self.group, id="0", mkstream=True
-            )
+            await self._call(self._redis.xgroup_create, self.name, self.group, id="0", mkstream=True)
         except rex.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-        except rex.AuthenticationError as exc:
-            raise ConfigError(
-                f"Redis at {mask_url(self.settings.redis_url)} refused the credentials in REDIS_URL or "
-                f"REDIS_PASSWORD: {exc}"
-            ) from None
-        except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
-            raise StreamUnavailable(f"Redis at {mask_url(self.settings.redis_url)}: {exc}") from exc
 
     async def check_keys(self) -> None:
         """At start-up: the keys we write must hold what we write to them, or nothing yet (ConfigError)."""
@@ -315,7 +313,7 @@ class RedisStream:
         try:
             info: Any = await self._call(self._redis.xinfo_stream, self.dead)
         except rex.ResponseError as exc:
-            if "no such key" in str(exc).lower():
+            if _no_such_key(exc):
                 return (0, 0)
             raise
         return id_key(_decode(info["last-generated-id"]))
@@ -425,7 +423,7 @@ class RedisStream:
         try:
             groups: list[dict[str, Any]] = await self._call(self._redis.xinfo_groups, self.name)
         except rex.ResponseError as exc:
-            if "no such key" in str(exc).lower():  # the stream does not exist yet
+            if _no_such_key(exc):  # the stream does not exist yet
                 return []
             raise
         return groups

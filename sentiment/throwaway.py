@@ -160,14 +160,15 @@ class ThrowawayPostgres:
 
     def pause(self) -> None:
         """SIGSTOP the whole server: it neither answers nor closes a connection (a hung host)."""
-        for pid in self.pids():
-            with suppress(ProcessLookupError):  # a backend that just ended
-                os.kill(pid, signal.SIGSTOP)
+        self._signal_all(signal.SIGSTOP)
 
     def resume(self) -> None:
+        self._signal_all(signal.SIGCONT)
+
+    def _signal_all(self, sig: signal.Signals) -> None:
         for pid in self.pids():
-            with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
+            with suppress(ProcessLookupError):  # a backend that just ended
+                os.kill(pid, sig)
 
     def restart(self, down_for: float = 0.0) -> None:
         self.stop()

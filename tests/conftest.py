@@ -5,6 +5,7 @@ see each other's data. Unreachable servers fail the test: these tests are never 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -154,3 +155,17 @@ def wait_for(check: Callable[[], object], what: str, timeout: float = 60.0) -> N
 def llm_env(url: str, **extra: str) -> dict[str, str]:
     """Settings for MODEL_TYPE=llm against the test server at `url`."""
     return {"MODEL_TYPE": "llm", "LLM_PROVIDER": "openai", "LLM_API_KEY": "k", "LLM_BASE_URL": url, **extra}
+
+
+def publish(r: redis.Redis, stream: str, n: int, prefix: str = "p", as_json: bool = True) -> list[str]:
+    """`n` valid posts `<prefix>0…`, as one `data` JSON field or flat fields; their entry IDs."""
+    pipe = r.pipeline(transaction=False)
+    for i in range(n):
+        post = {
+            "post_id": f"{prefix}{i}",
+            "content": f"post number {i} is good",
+            "source": "test",
+            "author": "me",
+        }
+        pipe.xadd(stream, {"data": json.dumps(post)} if as_json else post)
+    return [x.decode() for x in pipe.execute()]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sentiment.config import Settings, mask_url
+from sentiment.config import Settings, driver_text, mask_url
 from sentiment.errors import ConfigError
 
 
@@ -104,3 +104,10 @@ def test_passwords_in_query_parameters_are_masked_too(url: str, shown: str) -> N
 def test_a_dead_letter_key_that_is_another_of_our_keys_is_refused() -> None:
     with pytest.raises(ConfigError, match="DEAD_LETTER_STREAM must differ"):
         Settings.from_env({"DEAD_LETTER_STREAM": "social_posts:attempts:sentiment_workers"}, dotenv=None)
+
+
+def test_driver_messages_lose_passwords_and_line_breaks() -> None:
+    # libpq echoes a token it cannot decode; both spellings of the password must go.
+    dsn = "postgresql://app:p%41ss-word@db/x?sslpassword=s3cret"
+    message = ValueError('invalid percent-encoded token: "p%41ss-word"\n\tor "pAss-word", and s3cret')
+    assert driver_text(message, dsn) == 'invalid percent-encoded token: "***" | or "***", and ***'

@@ -23,7 +23,7 @@ from sentiment.service import EXIT_MARGIN_S, open_processor
 from sentiment.stream import RedisStream
 from sentiment.throwaway import ThrowawayPostgres, ThrowawayRedis, free_port, make_workdir
 
-from .conftest import ROOT, drain, rows, rows_so_far, run_cli, wait_for, worker_env
+from .conftest import ROOT, drain, publish, rows, rows_so_far, run_cli, wait_for, worker_env
 from .conftest import start_worker as start
 from .fakes import FakeAnalyzer
 from .proxy import Cutter, cutting_proxy
@@ -38,11 +38,6 @@ def stop_within_bound(proc: subprocess.Popen[str]) -> tuple[float, str]:
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     return time.monotonic() - started, err
-
-
-def publish(r: redis.Redis, stream: str, n: int, prefix: str = "p") -> None:
-    for i in range(n):
-        r.xadd(stream, {"post_id": f"{prefix}{i}", "content": f"post {i}"})
 
 
 def in_the_write(r: redis.Redis, settings: Settings) -> bool:
@@ -213,7 +208,7 @@ async def test_start_up_reads_each_entry_once(settings: Settings, rds: redis.Red
         with trio.fail_after(60):
             await Worker(processor).run(drain=True)
     assert sorted(t for call in analyzer.calls for t in call) == sorted(
-        f"post {i}" for i in range(80) if i not in (3, 4, 70)
+        f"post number {i} is good" for i in range(80) if i not in (3, 4, 70)
     )
     assert all(deliveries == before[i] + 1 for i, deliveries in seen), seen
     assert len(seen) == 77

@@ -24,23 +24,10 @@ from sentiment.service import open_processor
 from sentiment.store import PostgresStore, Record, WriteResult
 from sentiment.stream import id_key
 
-from .conftest import ROOT, rows, rows_so_far, run_cli, worker_env
+from .conftest import ROOT, publish, rows, rows_so_far, run_cli, worker_env
 from .fakes import FakeAnalyzer
 
 pytestmark = pytest.mark.integration
-
-
-def publish(r: redis.Redis, stream: str, n: int, prefix: str = "p", as_json: bool = True) -> list[str]:
-    pipe = r.pipeline(transaction=False)
-    for i in range(n):
-        post = {
-            "post_id": f"{prefix}{i}",
-            "content": f"post number {i} is good",
-            "source": "test",
-            "author": "me",
-        }
-        pipe.xadd(stream, {"data": json.dumps(post)} if as_json else post)
-    return [x.decode() for x in pipe.execute()]
 
 
 def pending(r: redis.Redis, s: Settings) -> int:

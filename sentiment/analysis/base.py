@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 import attrs
 
+from ..errors import ModelError, ModelUnavailable
 from .labels import EMOTIONS, SENTIMENTS
 
 Validator = Callable[[Any, "attrs.Attribute[Mapping[str, float]]", Mapping[str, float]], None]
@@ -68,6 +69,24 @@ _EMPTY = Analysis(
 def empty_result(model: str) -> Analysis:
     """A text with nothing in it carries no sentiment: neutral/neutral with certainty, without inference."""
     return Analysis(_EMPTY.sentiment_scores, _EMPTY.emotion_scores, model)
+
+
+async def analyse_each(analyzer: Analyzer, texts: list[str]) -> list[Analysis | str]:
+    """Analyse the texts; if the batch fails, each text alone, so one bad text costs only itself: its
+    place holds the error it caused. A model that is unavailable (ModelUnavailable) or never loaded is no
+    text's fault: that raises."""
+    if not texts:
+        return []
+    try:
+        return list(await analyzer.analyze(texts))
+    except ModelUnavailable:
+        raise
+    except Exception as exc:  # any other analyzer error: isolate below, never crash the worker
+        if not analyzer.loaded:
+            raise ModelError(f"the model could not be loaded: {exc}") from exc
+        if len(texts) == 1:
+            return [f"{type(exc).__name__}: {exc}"[:300]]
+    return [result for text in texts for result in await analyse_each(analyzer, [text])]
 
 
 class Analyzer(Protocol):
