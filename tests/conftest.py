@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote
 
+import httpx
 import psycopg
 import pytest
 import redis
@@ -150,6 +151,19 @@ def wait_for(check: Callable[[], object], what: str, timeout: float = 60.0) -> N
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)
+
+
+def readyz(port: int) -> httpx.Response | None:
+    """The worker's /readyz on `port`, or None while nothing answers there."""
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1)
+    except httpx.TransportError:
+        return None
+
+
+def readyz_text(port: int) -> str:
+    answer = readyz(port)
+    return answer.text if answer is not None else ""
 
 
 def llm_env(url: str, **extra: str) -> dict[str, str]:

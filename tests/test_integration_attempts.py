@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
-import httpx
 import psycopg
 import pytest
 import redis
@@ -24,7 +23,7 @@ from sentiment.config import Settings
 from sentiment.processing import SOLO_CRASHES
 from sentiment.throwaway import ThrowawayRedis, free_port, make_workdir
 
-from .conftest import ROOT, drain, llm_env, publish, rows, run_cli, wait_for, worker_env
+from .conftest import ROOT, drain, llm_env, publish, readyz, readyz_text, rows, run_cli, wait_for, worker_env
 from .conftest import start_worker as start
 from .llm_server import Reply, llm_server
 from .test_integration_hostile import dead_letters
@@ -49,13 +48,6 @@ def impatient_llm_worker(settings: Settings, url: str, port: int, **extra: str) 
         RECLAIM_INTERVAL_MS="100",
         METRICS_PORT=str(port),
     )
-
-
-def readyz(port: int) -> httpx.Response | None:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1)
-    except httpx.TransportError:
-        return None
 
 
 @pytest.fixture
@@ -124,7 +116,7 @@ def test_crashes_caused_by_the_environment_never_dead_letter_a_post(
         worker_env(settings, **base, DATABASE_URL=dsn, METRICS_PORT=str(port), CONSUMER_NAME="fixed")
     )
     try:
-        wait_for(lambda: (r := readyz(port)) is not None and "lacks INSERT" in r.text, "readyz to say why")
+        wait_for(lambda: "lacks INSERT" in readyz_text(port), "readyz to say why")
         response = readyz(port)
         assert response is not None and response.status_code == 503
         time.sleep(1.0)
@@ -155,7 +147,7 @@ def test_an_llm_outage_or_a_bad_key_is_waited_out_not_dead_lettered(
         script.replies.extend([Reply(status=503)] * 4)  # then down: 5xx after retries, the circuit opens
         proc = start(impatient_llm_worker(settings, url, port, LLM_API_KEY="sk-secret-key"))
         try:
-            wait_for(lambda: (r := readyz(port)) is not None and "LLM_API_KEY" in r.text, "readyz: the key")
+            wait_for(lambda: "LLM_API_KEY" in readyz_text(port), "readyz: the key")
             wait_for(lambda: not script.replies, "the outage to pass", timeout=120)
             wait_for(lambda: rows(settings.database_url) == 5, "the rows once the provider is back", 120)
             assert proc.poll() is None
@@ -287,9 +279,7 @@ def test_a_provider_refusing_every_text_is_an_outage_not_their_fault(
         script.reject_text = '"'  # in every request
         proc = start(impatient_llm_worker(settings, url, port))
         try:
-            wait_for(
-                lambda: (r := readyz(port)) is not None and "probe" in r.text, "readyz: the probe failed"
-            )
+            wait_for(lambda: "probe" in readyz_text(port), "readyz: the probe failed")
             time.sleep(1.0)
             assert rds.xlen(settings.dead_letter) == 0
             script.reject_text = None  # the account is fixed

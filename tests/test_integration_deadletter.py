@@ -5,7 +5,6 @@ operator's replay, and one current analysis per post."""
 from __future__ import annotations
 
 import json
-import time
 
 import attrs
 import psycopg
@@ -13,8 +12,19 @@ import pytest
 import redis
 
 from sentiment.config import Settings
+from sentiment.throwaway import free_port
 
-from .conftest import drain, llm_env, rows, rows_so_far, run_cli, start_worker, wait_for, worker_env
+from .conftest import (
+    drain,
+    llm_env,
+    readyz_text,
+    rows,
+    rows_so_far,
+    run_cli,
+    start_worker,
+    wait_for,
+    worker_env,
+)
 from .llm_server import llm_server
 from .proxy import Cutter, cutting_proxy
 from .test_integration_hostile import dead_letters
@@ -40,7 +50,8 @@ def test_a_dead_letter_key_that_is_no_stream_is_refused_at_start(
 
 
 def test_a_failing_dead_letter_xadd_never_acks(settings: Settings, rds: redis.Redis) -> None:
-    proc = start_worker(worker_env(settings))
+    port = free_port()
+    proc = start_worker(worker_env(settings, METRICS_PORT=str(port)))
     try:
         rds.xadd(settings.stream, {"post_id": "first", "content": "up and running"})
         wait_for(lambda: rows_so_far(settings.database_url) == 1, "the first row")
@@ -51,7 +62,9 @@ def test_a_failing_dead_letter_xadd_never_acks(settings: Settings, rds: redis.Re
         pipe.xadd(settings.stream, {"post_id": "good", "content": "still written"})
         bad = [i.decode() for i in pipe.execute()[:3]]
         wait_for(lambda: rows(settings.database_url) == 2, "the good row")
-        time.sleep(1.0)  # several retries of the dead-letter write
+        # Once a retry fails too (one failure may be a blip) the worker says why on /readyz. A retry
+        # waits up to a second of jitter: a fixed sleep here could let the repair below come first.
+        wait_for(lambda: "cannot add to DEAD_LETTER_STREAM" in readyz_text(port), "the failure on /readyz")
         pending = {
             p["message_id"].decode()
             for p in rds.xpending_range(settings.stream, settings.group, "-", "+", 10)
