@@ -12,8 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from sentiment.bench_report import plots, run_all, write_markdown
 from sentiment.config import Settings
+from sentiment.tools.bench_report import plots, run_all, write_markdown
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

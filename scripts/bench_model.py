@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from sentiment.bench import bench_model, compare_models
+from sentiment.tools.bench import bench_model, compare_models
 
 
 def main() -> None:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from sentiment.bench import bench_pipeline
 from sentiment.config import Settings
+from sentiment.tools.bench import bench_pipeline
 
 
 def main() -> None:

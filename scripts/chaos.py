@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 
-from sentiment.chaos import ChaosConfig, run_chaos
+from sentiment.tools.chaos import ChaosConfig, run_chaos
 
 
 def main() -> int:

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from sentiment.analysis.encoder import ARTEFACT
-from sentiment.training.evaluate import TASKS, evaluate
+from sentiment.tools.training.evaluate import TASKS, evaluate
 
 
 def main() -> None:

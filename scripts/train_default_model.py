@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from sentiment.analysis.encoder import ARTEFACT
-from sentiment.training.train import TrainConfig, train
+from sentiment.tools.training.train import TrainConfig, train
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .synthetic import synthetic_posts
+from ..synthetic import synthetic_posts
 
 
 def in_child(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
@@ -34,7 +34,7 @@ def _measured(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
 def bench_model(
     n: int, batch_size: int, repeat: int, threads: int = 0, quantize: bool = True
 ) -> dict[str, Any]:
-    from .analysis.embedded import EmbeddedAnalyzer
+    from ..analysis.embedded import EmbeddedAnalyzer
 
     analyzer = EmbeddedAnalyzer(quantize=quantize, threads=threads)
     analyzer.load_blocking()
@@ -63,7 +63,7 @@ def compare_models(
     of interleaved runs is fairer than two runs minutes apart. Ratios are against the first artefact.
     Ratios of one run still swung from 0.94 to 1.06 for models of the same compute (0.986 for an artefact
     against a copy of itself): run both orders, more than once, and take the geometric mean."""
-    from .analysis.embedded import EmbeddedAnalyzer
+    from ..analysis.embedded import EmbeddedAnalyzer
 
     analyzers = [EmbeddedAnalyzer(quantize=quantize, threads=threads, artefact=a) for a in artefacts]
     texts = [p["content"] for p in synthetic_posts(n, seed=7)]
@@ -106,7 +106,7 @@ def bench_seed_shapes(n: int, batch_size: int, per_post: bool = False) -> dict[s
     import torch
     import transformers
 
-    from .analysis.encoder import encoder_path
+    from ..analysis.encoder import encoder_path
 
     torch.manual_seed(0)
     # transformers' config classes take their fields as **kwargs, which its type hints do not allow for.
@@ -136,12 +136,12 @@ def bench_pipeline(
     `rate` > 0 publishes at that pace while the worker runs (for latency); else all are published first."""
     import trio
 
-    from .config import Settings
-    from .pipeline import Batch, Worker
-    from .post import entry_time
-    from .processing import Analysed, Outcome
-    from .produce import publish
-    from .service import open_processor
+    from ..config import Settings
+    from ..pipeline import Batch, Worker
+    from ..post import entry_time
+    from ..processing import Analysed, Outcome
+    from ..produce import publish
+    from ..service import open_processor
 
     stream = f"bench:{uuid.uuid4().hex[:8]}"
     settings = Settings(
@@ -223,9 +223,9 @@ def bench_raw(n: int, batch_size: int, redis_url: str, database_url: str) -> dic
     import psycopg
     import redis
 
-    from .config import Settings
-    from .produce import publish
-    from .store import _COLUMNS, _INSERT_ANALYSES, _INSERT_POSTS, _TEMP_TABLE
+    from ..config import Settings
+    from ..produce import publish
+    from ..store import _COLUMNS, _INSERT_ANALYSES, _INSERT_POSTS, _TEMP_TABLE
 
     stream = f"raw:{uuid.uuid4().hex[:8]}"
     settings = Settings(database_url=database_url, redis_url=redis_url, stream=stream)
@@ -277,9 +277,9 @@ def bench_workers(k: int, n: int, redis_url: str, database_url: str, batch_size:
 
     import psycopg
 
-    from .analysis.local import usable_cores
-    from .config import Settings
-    from .produce import publish
+    from ..analysis.local import usable_cores
+    from ..config import Settings
+    from ..produce import publish
 
     stream = f"workers:{uuid.uuid4().hex[:8]}"
     settings = Settings(database_url=database_url, redis_url=redis_url, stream=stream)
@@ -334,9 +334,9 @@ def bench_store_routes(
 
     # isort: on
 
-    from .analysis.base import empty_result
-    from .post import Limits, Post
-    from .store import _COLUMNS, _INSERT_ANALYSES, _INSERT_POSTS, _TEMP_TABLE, Record
+    from ..analysis.base import empty_result
+    from ..post import Limits, Post
+    from ..store import _COLUMNS, _INSERT_ANALYSES, _INSERT_POSTS, _TEMP_TABLE, Record
 
     copy_sql = f"COPY incoming ({', '.join(_COLUMNS)}) FROM STDIN"
     result = empty_result("bench")

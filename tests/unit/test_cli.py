@@ -12,7 +12,7 @@ import pytest
 
 from sentiment.logs import JsonFormatter
 
-from .conftest import ROOT
+from ..support.servers import ROOT
 
 
 def cli(*args: str, stdin: str = "", **env: str) -> subprocess.CompletedProcess[str]:

@@ -8,9 +8,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ..analysis.embedded import EmbeddedAnalyzer
-from ..analysis.encoder import ARTEFACT
-from ..analysis.labels import EMOTIONS, SENTIMENTS
+from ...analysis.embedded import EmbeddedAnalyzer
+from ...analysis.encoder import ARTEFACT
+from ...analysis.labels import EMOTIONS, SENTIMENTS
 from . import data
 
 TASKS = ("sentiment", "emotion", "tweet-emotion")

@@ -13,9 +13,9 @@ from pathlib import Path
 import attrs
 import numpy as np
 
-from ..analysis.labels import DEFAULT_EMOTION_MAP, EMOTIONS, SENTIMENTS
-from ..analysis.text import normalize_tweet
-from ..config import Settings
+from ...analysis.labels import DEFAULT_EMOTION_MAP, EMOTIONS, SENTIMENTS
+from ...analysis.text import normalize_tweet
+from ...config import Settings
 
 # Scoring predicts in the worker's default batches: dynamic int8 scales the activations per chunk, so
 # what a text shares a batch with moves its logits a little.

@@ -12,19 +12,15 @@ from urllib.parse import quote
 
 import attrs
 import psycopg
-import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sentiment.config import Settings
-from sentiment.deadletter import DeadEntry, decode
 from sentiment.errors import InvalidPost
 from sentiment.post import Limits, Post
 
-from .conftest import PG_URL, REDIS_URL, run_cli, worker_env
-
-pytestmark = pytest.mark.integration
+from ..support.servers import PG_URL, REDIS_URL, dead_letters, run_cli, worker_env
 
 MB = 1_000_000
 DEAD_MAX = 65_536
@@ -126,14 +122,6 @@ def fresh_schema() -> Iterator[str]:
     finally:
         with psycopg.connect(PG_URL, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
-
-
-def dead_letters(r: redis.Redis, key: str) -> dict[str, DeadEntry]:
-    """The dead-letter stream by original entry ID (asserting there is one copy per entry)."""
-    letters = [decode(i.decode(), f) for i, f in r.xrange(key)]
-    by_entry = {d.entry_id: d for d in letters}
-    assert len(by_entry) == len(letters), "an entry was dead-lettered twice"
-    return by_entry
 
 
 def parses(fields: dict[bytes, bytes]) -> bool:

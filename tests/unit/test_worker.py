@@ -11,7 +11,7 @@ from sentiment.errors import ModelError
 from sentiment.pipeline import Worker
 from sentiment.processing import SOLO_CRASHES, Processor
 
-from .fakes import FakeAnalyzer, FakeGroup, FakeStore
+from ..support.fakes import FakeAnalyzer, FakeGroup, FakeStore
 
 Clock = trio.testing.MockClock  # every test takes pytest-trio's `autojump_clock`: time jumps when all block
 

@@ -11,7 +11,7 @@ import yaml
 
 from sentiment.config import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def test_compose_services_healthchecks_and_settings() -> None:

@@ -21,14 +21,12 @@ from sentiment.config import Settings
 from sentiment.pipeline import Worker
 from sentiment.service import EXIT_MARGIN_S, open_processor
 from sentiment.stream import RedisStream
-from sentiment.throwaway import ThrowawayPostgres, ThrowawayRedis, free_port, make_workdir
+from sentiment.tools.throwaway import ThrowawayPostgres, ThrowawayRedis, free_port, make_workdir
 
-from .conftest import ROOT, drain, publish, rows, rows_so_far, run_cli, wait_for, worker_env
-from .conftest import start_worker as start
-from .fakes import FakeAnalyzer
-from .proxy import Cutter, cutting_proxy
-
-pytestmark = pytest.mark.integration
+from ..support.fakes import FakeAnalyzer
+from ..support.proxy import Cutter, cutting_proxy
+from ..support.servers import ROOT, drain, publish, rows, rows_so_far, run_cli, wait_for, worker_env
+from ..support.servers import start_worker as start
 
 GRACE_S = 1.0
 

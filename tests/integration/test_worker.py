@@ -11,7 +11,6 @@ import time
 
 import attrs
 import psycopg
-import pytest
 import redis
 import trio
 
@@ -24,10 +23,8 @@ from sentiment.service import open_processor
 from sentiment.store import PostgresStore, Record, WriteResult
 from sentiment.stream import id_key
 
-from .conftest import ROOT, publish, rows, rows_so_far, run_cli, worker_env
-from .fakes import FakeAnalyzer
-
-pytestmark = pytest.mark.integration
+from ..support.fakes import FakeAnalyzer
+from ..support.servers import ROOT, publish, rows, rows_so_far, run_cli, worker_env
 
 
 def pending(r: redis.Redis, s: Settings) -> int:

@@ -9,7 +9,7 @@ import pytest
 
 from sentiment.analysis.base import Analysis
 from sentiment.analysis.labels import EMOTIONS, SENTIMENTS
-from sentiment.training import evaluate
+from sentiment.tools.training import evaluate
 
 from .test_training_data import make_tweet_emotion
 

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..analysis.encoder import ARTEFACT, DualHead, encoder_path, load_encoder, lora_targets
-from ..analysis.labels import EMOTIONS, SENTIMENTS
+from ...analysis.encoder import ARTEFACT, DualHead, encoder_path, load_encoder, lora_targets
+from ...analysis.labels import EMOTIONS, SENTIMENTS
 from . import data
 
 

@@ -22,12 +22,10 @@ from sentiment.errors import StreamUnavailable
 from sentiment.pipeline import Worker
 from sentiment.reclaim import reclaim
 from sentiment.service import open_processor
-from sentiment.throwaway import ThrowawayPostgres, ThrowawayRedis, make_workdir
+from sentiment.tools.throwaway import ThrowawayPostgres, ThrowawayRedis, make_workdir
 
-from .conftest import ROOT, rows, rows_so_far, worker_env
-from .fakes import FakeAnalyzer
-
-pytestmark = pytest.mark.integration
+from ..support.fakes import FakeAnalyzer
+from ..support.servers import ROOT, rows, rows_so_far, worker_env
 
 
 def publish(r: redis.Redis, stream: str, ids: range, text: str = "fine text") -> None:

@@ -21,14 +21,23 @@ from psycopg.conninfo import conninfo_to_dict
 
 from sentiment.config import Settings
 from sentiment.processing import SOLO_CRASHES
-from sentiment.throwaway import ThrowawayRedis, free_port, make_workdir
+from sentiment.tools.throwaway import ThrowawayRedis, free_port, make_workdir
 
-from .conftest import ROOT, drain, llm_env, publish, readyz, readyz_text, rows, run_cli, wait_for, worker_env
-from .conftest import start_worker as start
-from .llm_server import Reply, llm_server
-from .test_integration_hostile import dead_letters
-
-pytestmark = pytest.mark.integration
+from ..support.llm_server import Reply, llm_server
+from ..support.servers import (
+    ROOT,
+    dead_letters,
+    drain,
+    llm_env,
+    publish,
+    readyz,
+    readyz_text,
+    rows,
+    run_cli,
+    wait_for,
+    worker_env,
+)
+from ..support.servers import start_worker as start
 
 MAX_DELIVERIES = 2
 

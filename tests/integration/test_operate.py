@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import httpx
-import pytest
 import redis
 import trio
 
@@ -14,10 +13,8 @@ from sentiment.monitor import serve_monitor
 from sentiment.pipeline import Worker
 from sentiment.service import open_processor
 
-from .conftest import rows, run_cli, worker_env
-from .fakes import FakeAnalyzer
-
-pytestmark = pytest.mark.integration
+from ..support.fakes import FakeAnalyzer
+from ..support.servers import rows, run_cli, worker_env
 
 
 class LazyAnalyzer(FakeAnalyzer):

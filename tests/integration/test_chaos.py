@@ -7,11 +7,7 @@ import os
 import subprocess
 import sys
 
-import pytest
-
-from .conftest import ROOT
-
-pytestmark = pytest.mark.integration
+from ..support.servers import ROOT
 
 
 def test_quick_chaos_run_loses_nothing() -> None:

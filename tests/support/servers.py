@@ -1,7 +1,4 @@
-"""Fixtures for integration tests: the real Redis and PostgreSQL on localhost.
-
-Each test gets its own stream key and its own PostgreSQL schema (search_path in the DSN), so tests never
-see each other's data. Unreachable servers fail the test: these tests are never skipped."""
+"""Helpers for tests that run real worker processes against the real Redis and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -10,74 +7,19 @@ import os
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import quote
 
 import httpx
 import psycopg
-import pytest
 import redis
 
 from sentiment.config import Settings
+from sentiment.deadletter import DeadEntry, decode
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PG_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/sentiment_test")
-
-
-@pytest.fixture(scope="session")
-def pg_base() -> str:
-    dbname = psycopg.conninfo.conninfo_to_dict(PG_URL)["dbname"]
-    admin = psycopg.conninfo.make_conninfo(PG_URL, dbname="postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)).fetchone():
-            conn.execute(f'CREATE DATABASE "{dbname}"')
-    return PG_URL
-
-
-@pytest.fixture
-def pg_dsn(pg_base: str) -> Iterator[str]:
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_base, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    yield f"{pg_base}?options={quote(f'-csearch_path={schema}')}"
-    with psycopg.connect(pg_base, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
-
-
-@pytest.fixture
-def stream_name() -> Iterator[str]:
-    name = f"test:{uuid.uuid4().hex[:12]}"
-    yield name
-    r = redis.Redis.from_url(REDIS_URL)
-    r.delete(name, f"{name}:dead", f"{name}:attempts:sentiment_workers")
-    r.close()
-
-
-@pytest.fixture
-def rds() -> Iterator[redis.Redis]:
-    r = redis.Redis.from_url(REDIS_URL)
-    yield r
-    r.close()
-
-
-@pytest.fixture
-def settings(pg_dsn: str, stream_name: str) -> Settings:
-    return Settings(
-        database_url=pg_dsn,
-        redis_url=REDIS_URL,
-        stream=stream_name,
-        consumer="test-worker",
-        batch_size=50,
-        block_ms=100,
-        claim_min_idle_ms=200,
-        reclaim_interval_ms=100,
-        shutdown_grace_s=5.0,
-        model_type="noop",
-        metrics_port=0,
-    )
 
 
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
@@ -183,3 +125,11 @@ def publish(r: redis.Redis, stream: str, n: int, prefix: str = "p", as_json: boo
         }
         pipe.xadd(stream, {"data": json.dumps(post)} if as_json else post)
     return [x.decode() for x in pipe.execute()]
+
+
+def dead_letters(r: redis.Redis, key: str) -> dict[str, DeadEntry]:
+    """The dead-letter stream by original entry ID (asserting there is one copy per entry)."""
+    letters = [decode(i.decode(), f) for i, f in r.xrange(key)]
+    by_entry = {d.entry_id: d for d in letters}
+    assert len(by_entry) == len(letters), "an entry was dead-lettered twice"
+    return by_entry

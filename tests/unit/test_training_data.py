@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sentiment.training import data
+from sentiment.tools.training import data
 
 
 def make_data(root: Path) -> Path:

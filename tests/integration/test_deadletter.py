@@ -8,13 +8,15 @@ import json
 
 import attrs
 import psycopg
-import pytest
 import redis
 
 from sentiment.config import Settings
-from sentiment.throwaway import free_port
+from sentiment.tools.throwaway import free_port
 
-from .conftest import (
+from ..support.llm_server import llm_server
+from ..support.proxy import Cutter, cutting_proxy
+from ..support.servers import (
+    dead_letters,
     drain,
     llm_env,
     readyz_text,
@@ -25,11 +27,6 @@ from .conftest import (
     wait_for,
     worker_env,
 )
-from .llm_server import llm_server
-from .proxy import Cutter, cutting_proxy
-from .test_integration_hostile import dead_letters
-
-pytestmark = pytest.mark.integration
 
 INVALID = {"post_id": "bad", "content": "x", "created_at": "not a date"}
 

@@ -19,8 +19,8 @@ import attrs
 import psycopg
 import redis
 
-from .deadletter import decode
-from .synthetic import synthetic_posts
+from ..deadletter import decode
+from ..synthetic import synthetic_posts
 from .throwaway import ThrowawayPostgres, ThrowawayRedis, make_workdir
 
 log = logging.getLogger("sentiment.chaos")

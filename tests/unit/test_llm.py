@@ -13,8 +13,8 @@ from sentiment.analysis.fallback import FallbackAnalyzer
 from sentiment.analysis.llm import CircuitBreaker, LLMAnalyzer, RetryableReply, _wait
 from sentiment.errors import ConfigError, ModelError
 
-from .fakes import FakeAnalyzer
-from .llm_server import Reply, llm_server
+from ..support.fakes import FakeAnalyzer
+from ..support.llm_server import Reply, llm_server
 
 KEY = "sk-test-SECRET-123"
 
