@@ -1,4 +1,4 @@
-"""`python -m sentiment [run|migrate|analyze|stats|produce] …`"""
+"""`python -m sentiment [run|migrate|analyze|stats|produce|reclaim|reanalyze|deadletter] …`"""
 
 from __future__ import annotations
 
@@ -60,6 +60,23 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument(
         "--flat", action="store_true", help="flat stream fields instead of one `data` JSON field"
     )
+    reclaim = sub.add_parser(
+        "reclaim",
+        help="process entries dead consumers left pending, then exit (last line: a JSON report)",
+        description="Claim entries idle for --min-idle-ms or more (XAUTOCLAIM) and process them as the "
+        'worker would. Last output line: {"claimed": N, "processed": N, "dead_lettered": N, "deleted": N}.',
+    )
+    reclaim.add_argument(
+        "--min-idle-ms",
+        type=int,
+        default=None,
+        help="claim entries idle at least this long (default: CLAIM_MIN_IDLE_MS)",
+    )
+    reclaim.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list id, owner, idle ms and delivery count of stale entries; claim nothing",
+    )
     again = sub.add_parser(
         "reanalyze",
         help="analyse stored posts again with the configured model (the old rows move to history)",
@@ -85,48 +102,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "sentiment") -> int:
+    """Run one command; the exit status: 0 done, 1 failed, 2 a setting or argument is wrong, 130 Ctrl-C.
+    Our own errors are one line on stderr, prefixed with `prog`."""
     args = build_parser().parse_args(argv)
-    command = args.command or "run"
     try:
-        settings = Settings.from_env()
-        from .logs import setup_logging
-
-        setup_logging(settings.log_level, settings.log_format)
-        if command == "run":
-            from .service import run_worker
-
-            trio.run(lambda: run_worker(settings, drain=getattr(args, "drain", False)))
-        elif command == "migrate":
-            version = trio.run(_migrate, settings)
-            print(f"schema at version {version}")
-        elif command == "analyze":
-            return trio.run(_analyze, settings, args.texts or [line.rstrip("\n") for line in sys.stdin])
-        elif command == "stats":
-            from .stats import run_stats
-
-            trio.run(lambda: run_stats(settings, as_json=args.json, watch=args.watch))
-        elif command == "produce":
-            from .produce import run_produce
-
-            if not args.file and args.count <= 0:
-                print("sentiment: produce needs a FILE or --count N", file=sys.stderr)
-                return 2
-            run_produce(settings, path=args.file, count=args.count, seed=args.seed, flat=args.flat)
-        elif command == "reanalyze":
-            trio.run(_reanalyze, settings, args)
-        elif command == "deadletter":
-            trio.run(_deadletter, settings, args)
+        return _command(args)
     except (SentimentError, BaseExceptionGroup) as exc:
         ours = _our_error(exc)
         if ours is None:
-            if interrupted(exc):
+            if _interrupted(exc):
                 return 130
             raise
-        print(f"sentiment: {ours}", file=sys.stderr)
+        print(f"{prog}: {ours}", file=sys.stderr)
         return 2 if isinstance(ours, ConfigError) else 1
     except KeyboardInterrupt:
         return 130
+
+
+def _command(args: argparse.Namespace) -> int:
+    command = args.command or "run"
+    settings = Settings.from_env()
+    from .logs import setup_logging
+
+    setup_logging(settings.log_level, settings.log_format)
+    if command == "run":
+        from .wiring import run_worker
+
+        trio.run(lambda: run_worker(settings, drain=getattr(args, "drain", False)))
+    elif command == "migrate":
+        version = trio.run(_migrate, settings)
+        print(f"schema at version {version}")
+    elif command == "analyze":
+        return trio.run(_analyze, settings, args.texts or [line.rstrip("\n") for line in sys.stdin])
+    elif command == "stats":
+        trio.run(_stats, settings, args)
+    elif command == "produce":
+        from .produce import run_produce
+
+        if not args.file and args.count <= 0:
+            raise ConfigError("produce needs a FILE or --count N")
+        run_produce(
+            settings.redis_url,
+            settings.stream,
+            path=args.file,
+            count=args.count,
+            seed=args.seed,
+            flat=args.flat,
+        )
+    elif command == "reclaim":
+        from .wiring import run_reclaim
+
+        min_idle = settings.claim_min_idle_ms if args.min_idle_ms is None else args.min_idle_ms
+        if min_idle < 0:
+            raise ConfigError(f"--min-idle-ms must be 0 or more, got {min_idle}")
+        report = trio.run(lambda: run_reclaim(settings, min_idle, dry_run=args.dry_run))
+        print(json.dumps(report.as_dict()))
+    elif command == "reanalyze":
+        trio.run(_reanalyze, settings, args)
+    elif command == "deadletter":
+        trio.run(_deadletter, settings, args)
     return 0
 
 
@@ -137,7 +172,7 @@ def _alone(exc: BaseException) -> BaseException:
     return exc
 
 
-def interrupted(exc: BaseException) -> bool:
+def _interrupted(exc: BaseException) -> bool:
     """Ctrl-C, also when trio delivers it inside an exception group."""
     return isinstance(_alone(exc), KeyboardInterrupt)
 
@@ -149,17 +184,14 @@ def _our_error(exc: BaseException) -> SentimentError | None:
 
 
 async def _migrate(settings: Settings) -> int:
-    from .store import PostgresStore
+    from .wiring import open_store
 
-    store = PostgresStore(settings.database_url)
-    try:
+    async with open_store(settings) as store:
         return await store.migrate()
-    finally:
-        await store.aclose()
 
 
 async def _analyze(settings: Settings, texts: list[str]) -> int:
-    from .analysis import build_analyzer
+    from .wiring import build_analyzer
 
     analyzer = build_analyzer(settings)
     results = await analyzer.analyze(texts)
@@ -168,13 +200,19 @@ async def _analyze(settings: Settings, texts: list[str]) -> int:
     return 0
 
 
-async def _reanalyze(settings: Settings, args: argparse.Namespace) -> None:
-    from .analysis import build_analyzer
-    from .reanalyze import reanalyze
-    from .store import PostgresStore
+async def _stats(settings: Settings, args: argparse.Namespace) -> None:
+    from .stats import run_stats
+    from .wiring import open_store, open_stream
 
-    store = PostgresStore(settings.database_url)
-    try:
+    async with open_stream(settings) as stream, open_store(settings) as store:
+        await run_stats(stream, store, as_json=args.json, watch=args.watch)
+
+
+async def _reanalyze(settings: Settings, args: argparse.Namespace) -> None:
+    from .reanalyze import reanalyze
+    from .wiring import build_analyzer, open_store
+
+    async with open_store(settings) as store:
         report = await reanalyze(
             store,
             build_analyzer(settings),
@@ -183,20 +221,16 @@ async def _reanalyze(settings: Settings, args: argparse.Namespace) -> None:
             batch=settings.batch_size,
             dry_run=args.dry_run,
         )
-    finally:
-        await store.aclose()
     print(json.dumps(report.as_dict()))
 
 
 async def _deadletter(settings: Settings, args: argparse.Namespace) -> None:
     from contextlib import aclosing
 
-    import trio_asyncio
-
     from . import deadletter
-    from .stream import RedisStream
+    from .wiring import open_stream
 
-    async with trio_asyncio.open_loop(), RedisStream.open(settings) as stream:
+    async with open_stream(settings) as stream:
         if args.action == "list":
             async with aclosing(deadletter.letters(stream, args.reason)) as found:
                 async for letter in found:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TypeVar
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from typing import Any, TypeVar
+from urllib.parse import quote, urlsplit
 
 import attrs
 
 from .errors import ConfigError
+from .redact import mask_url
 
 T = TypeVar("T")
 
@@ -22,94 +24,58 @@ LLM_PROVIDERS = ("", "groq", "openai", "anthropic")
 LOG_FORMATS = ("text", "json")
 
 
-# Query parameters that carry a secret (libpq's `password`, `sslpassword`; redis-py's `password`).
-_SECRET_PARAMS = frozenset({"password", "sslpassword", "pass", "pwd"})
-
-
-def one_line(text: str) -> str:
-    """A message as one line: driver messages carry DETAIL/CONTEXT lines, field names may hold newlines."""
-    return " | ".join(part.strip() for part in text.splitlines() if part.strip())
-
-
-def _is_secret_param(part: str) -> bool:
-    """Whether one `key=value` of a query string carries a secret."""
-    return unquote(part.partition("=")[0]).lower() in _SECRET_PARAMS
-
-
-def _secrets(url: str) -> list[str]:
-    """The password in a URL, as written (a driver may echo a token it could not decode) and decoded."""
-    rest = url.partition("://")[2]
-    authority, _, query = rest.partition("?")
-    userinfo = authority.partition("/")[0].rpartition("@")[0]
-    found = [userinfo.partition(":")[2]] if ":" in userinfo else []
-    found.extend(part.partition("=")[2] for part in query.split("&") if _is_secret_param(part))
-    return [s for raw in found for s in {raw, unquote(raw)} if len(s) >= 3]
-
-
-def driver_text(exc: BaseException, *urls: str) -> str:
-    """A driver's error message as one line, without any password of `urls` in it."""
-    text = one_line(str(exc))
-    for secret in sorted((s for url in urls for s in _secrets(url)), key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text
-
-
-def mask_url(url: str) -> str:
-    """The URL with its password replaced by `***` (in the user-info part and in query parameters), for
-    logs, error messages and `stats`."""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        return "<unparseable URL>"
-    if parts.password is not None:
-        host = parts.hostname or ""
-        if parts.port is not None:
-            host = f"{host}:{parts.port}"
-        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
-    if parts.query:
-        query = "&".join(
-            f"{p.partition('=')[0]}=***" if _is_secret_param(p) else p for p in parts.query.split("&")
-        )
-        parts = parts._replace(query=query)
-    return urlunsplit(parts)
+def _env(name: str, default: object) -> Any:
+    """A setting read from the environment variable `name` (see `Settings.to_env`)."""
+    return attrs.field(default=default, metadata={"env": name})
 
 
 @attrs.frozen(repr=False)
 class Settings:
-    database_url: str = "postgresql://localhost/sentiment"
-    redis_url: str = "redis://localhost:6379/0"
-    stream: str = "social_posts"
-    group: str = "sentiment_workers"
-    consumer: str = attrs.field(factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-    batch_size: int = 64
-    block_ms: int = 2000
-    claim_min_idle_ms: int = 60_000
-    reclaim_interval_ms: int = 30_000
-    max_deliveries: int = 5
-    dead_letter_stream: str = ""
-    shutdown_grace_s: float = 10.0
-    stuck_batch_s: float = 300.0  # a batch whose write and ack take longer releases its leases
-    max_content_bytes: int = 100_000
+    database_url: str = _env("DATABASE_URL", "postgresql://localhost/sentiment")
+    redis_url: str = _env("REDIS_URL", "redis://localhost:6379/0")
+    stream: str = _env("REDIS_STREAM_NAME", "social_posts")
+    group: str = _env("REDIS_CONSUMER_GROUP", "sentiment_workers")
+    consumer: str = attrs.field(
+        factory=lambda: f"{socket.gethostname()}-{os.getpid()}", metadata={"env": "CONSUMER_NAME"}
+    )
+    batch_size: int = _env("BATCH_SIZE", 64)
+    block_ms: int = _env("BLOCK_MS", 2000)
+    claim_min_idle_ms: int = _env("CLAIM_MIN_IDLE_MS", 60_000)
+    reclaim_interval_ms: int = _env("RECLAIM_INTERVAL_MS", 30_000)
+    max_deliveries: int = _env("MAX_DELIVERIES", 5)
+    dead_letter_stream: str = _env("DEAD_LETTER_STREAM", "")
+    shutdown_grace_s: float = _env("SHUTDOWN_GRACE_S", 10.0)
+    stuck_batch_s: float = _env(
+        "STUCK_BATCH_S", 300.0
+    )  # a batch whose write and ack take longer releases its leases
+    max_content_bytes: int = _env("MAX_CONTENT_BYTES", 100_000)
     # Bounds on the raw entry, checked before anything is decoded or parsed.
-    max_entry_bytes: int = 1_000_000
-    max_entry_fields: int = 64
-    max_field_name_bytes: int = 256
-    dead_letter_max_bytes: int = 65_536  # a dead-letter copy of a larger entry is truncated to this
-    model_type: str = "embedded"
-    quantize: bool = True
-    inference_threads: int = 0  # embedded model: single-core inference threads (0: one per usable core)
-    sentiment_model: str = "cardiffnlp/twitter-roberta-base-sentiment-latest"
-    emotion_model: str = "j-hartmann/emotion-english-distilroberta-base"
-    emotion_label_map: str = ""  # "label=emotion,label=emotion" overrides for MODEL_TYPE=transformers
-    llm_provider: str = ""
-    llm_api_key: str = ""
-    llm_model: str = ""
-    llm_base_url: str = ""
-    metrics_port: int = 9100
-    log_level: str = "INFO"
-    log_format: str = "text"
-    stream_retention_s: int = 0  # 0: off; else trim acked entries older than this (never pending ones)
+    max_entry_bytes: int = _env("MAX_ENTRY_BYTES", 1_000_000)
+    max_entry_fields: int = _env("MAX_ENTRY_FIELDS", 64)
+    max_field_name_bytes: int = _env("MAX_FIELD_NAME_BYTES", 256)
+    dead_letter_max_bytes: int = _env(
+        "DEAD_LETTER_MAX_BYTES", 65_536
+    )  # a dead-letter copy of a larger entry is truncated to this
+    model_type: str = _env("MODEL_TYPE", "embedded")
+    quantize: bool = _env("MODEL_QUANTIZE", True)
+    inference_threads: int = _env(
+        "INFERENCE_THREADS", 0
+    )  # embedded model: single-core inference threads (0: one per usable core)
+    sentiment_model: str = _env("SENTIMENT_MODEL", "cardiffnlp/twitter-roberta-base-sentiment-latest")
+    emotion_model: str = _env("EMOTION_MODEL", "j-hartmann/emotion-english-distilroberta-base")
+    emotion_label_map: str = _env(
+        "EMOTION_LABEL_MAP", ""
+    )  # "label=emotion,label=emotion" overrides for MODEL_TYPE=transformers
+    llm_provider: str = _env("LLM_PROVIDER", "")
+    llm_api_key: str = _env("LLM_API_KEY", "")
+    llm_model: str = _env("LLM_MODEL", "")
+    llm_base_url: str = _env("LLM_BASE_URL", "")
+    metrics_port: int = _env("METRICS_PORT", 9100)
+    log_level: str = _env("LOG_LEVEL", "INFO")
+    log_format: str = _env("LOG_FORMAT", "text")
+    stream_retention_s: int = _env(
+        "STREAM_RETENTION", 0
+    )  # 0: off; else trim acked entries older than this (never pending ones)
 
     @property
     def dead_letter(self) -> str:
@@ -141,6 +107,14 @@ class Settings:
         env.update(os.environ if environ is None else environ)
         return cls._from_reader(_Reader(env))
 
+    def to_env(self) -> dict[str, str]:
+        """The environment that `from_env` reads back as these settings (for worker subprocesses)."""
+        env = {}
+        for field in attrs.fields(Settings):
+            value = getattr(self, field.name)
+            env[field.metadata["env"]] = ("1" if value else "0") if isinstance(value, bool) else str(value)
+        return env
+
     @classmethod
     def env_names(cls) -> frozenset[str]:
         """Every variable the settings read (for .env.example, compose and their tests)."""
@@ -151,42 +125,42 @@ class Settings:
     @classmethod
     def _from_reader(cls, r: _Reader) -> Settings:
         d = cls()  # the defaults (class attributes of a slotted attrs class are descriptors, not values)
-        stream = r.text("REDIS_STREAM_NAME", d.stream)
+        stream = r.text("stream", d.stream)
         settings = cls(
-            database_url=r.url("DATABASE_URL", d.database_url, ("postgresql", "postgres")),
+            database_url=r.url("database_url", d.database_url, ("postgresql", "postgres")),
             redis_url=_redis_url(r),
             stream=stream,
-            group=r.text("REDIS_CONSUMER_GROUP", d.group),
-            consumer=r.text("CONSUMER_NAME", f"{socket.gethostname()}-{os.getpid()}"),
-            batch_size=r.integer("BATCH_SIZE", d.batch_size, 1, 10_000),
-            block_ms=r.integer("BLOCK_MS", d.block_ms, 1, 600_000),
-            claim_min_idle_ms=r.integer("CLAIM_MIN_IDLE_MS", d.claim_min_idle_ms, 1, 86_400_000),
-            reclaim_interval_ms=r.integer("RECLAIM_INTERVAL_MS", d.reclaim_interval_ms, 1, 86_400_000),
-            max_deliveries=r.integer("MAX_DELIVERIES", d.max_deliveries, 1, 1000),
-            dead_letter_stream=r.text("DEAD_LETTER_STREAM", f"{stream}:dead"),
-            shutdown_grace_s=r.number("SHUTDOWN_GRACE_S", d.shutdown_grace_s, 0.0, 3600.0),
-            stuck_batch_s=r.number("STUCK_BATCH_S", d.stuck_batch_s, 0.1, 86400.0),
-            max_content_bytes=r.integer("MAX_CONTENT_BYTES", d.max_content_bytes, 1, 100_000_000),
-            max_entry_bytes=r.integer("MAX_ENTRY_BYTES", d.max_entry_bytes, 1024, 512_000_000),
-            max_entry_fields=r.integer("MAX_ENTRY_FIELDS", d.max_entry_fields, 1, 100_000),
-            max_field_name_bytes=r.integer("MAX_FIELD_NAME_BYTES", d.max_field_name_bytes, 8, 65_536),
+            group=r.text("group", d.group),
+            consumer=r.text("consumer", f"{socket.gethostname()}-{os.getpid()}"),
+            batch_size=r.integer("batch_size", d.batch_size, 1, 10_000),
+            block_ms=r.integer("block_ms", d.block_ms, 1, 600_000),
+            claim_min_idle_ms=r.integer("claim_min_idle_ms", d.claim_min_idle_ms, 1, 86_400_000),
+            reclaim_interval_ms=r.integer("reclaim_interval_ms", d.reclaim_interval_ms, 1, 86_400_000),
+            max_deliveries=r.integer("max_deliveries", d.max_deliveries, 1, 1000),
+            dead_letter_stream=r.text("dead_letter_stream", f"{stream}:dead"),
+            shutdown_grace_s=r.number("shutdown_grace_s", d.shutdown_grace_s, 0.0, 3600.0),
+            stuck_batch_s=r.number("stuck_batch_s", d.stuck_batch_s, 0.1, 86400.0),
+            max_content_bytes=r.integer("max_content_bytes", d.max_content_bytes, 1, 100_000_000),
+            max_entry_bytes=r.integer("max_entry_bytes", d.max_entry_bytes, 1024, 512_000_000),
+            max_entry_fields=r.integer("max_entry_fields", d.max_entry_fields, 1, 100_000),
+            max_field_name_bytes=r.integer("max_field_name_bytes", d.max_field_name_bytes, 8, 65_536),
             dead_letter_max_bytes=r.integer(
-                "DEAD_LETTER_MAX_BYTES", d.dead_letter_max_bytes, 1024, 512_000_000
+                "dead_letter_max_bytes", d.dead_letter_max_bytes, 1024, 512_000_000
             ),
-            model_type=r.choice("MODEL_TYPE", d.model_type, MODEL_TYPES, MODEL_TYPE_ALIASES),
-            quantize=r.flag("MODEL_QUANTIZE", d.quantize),
-            inference_threads=r.integer("INFERENCE_THREADS", d.inference_threads, 0, 256),
-            sentiment_model=r.text("SENTIMENT_MODEL", d.sentiment_model),
-            emotion_model=r.text("EMOTION_MODEL", d.emotion_model),
-            emotion_label_map=r.text("EMOTION_LABEL_MAP", "", required=False),
-            llm_provider=r.choice("LLM_PROVIDER", d.llm_provider, LLM_PROVIDERS),
-            llm_api_key=r.text("LLM_API_KEY", "", required=False),
-            llm_model=r.text("LLM_MODEL", "", required=False),
-            llm_base_url=r.text("LLM_BASE_URL", "", required=False),
-            metrics_port=r.integer("METRICS_PORT", d.metrics_port, 0, 65535),
-            log_level=r.choice("LOG_LEVEL", d.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
-            log_format=r.choice("LOG_FORMAT", d.log_format, LOG_FORMATS),
-            stream_retention_s=r.integer("STREAM_RETENTION", d.stream_retention_s, 0, 10**9),
+            model_type=r.choice("model_type", d.model_type, MODEL_TYPES, MODEL_TYPE_ALIASES),
+            quantize=r.flag("quantize", d.quantize),
+            inference_threads=r.integer("inference_threads", d.inference_threads, 0, 256),
+            sentiment_model=r.text("sentiment_model", d.sentiment_model),
+            emotion_model=r.text("emotion_model", d.emotion_model),
+            emotion_label_map=r.text("emotion_label_map", "", required=False),
+            llm_provider=r.choice("llm_provider", d.llm_provider, LLM_PROVIDERS),
+            llm_api_key=r.text("llm_api_key", "", required=False),
+            llm_model=r.text("llm_model", "", required=False),
+            llm_base_url=r.text("llm_base_url", "", required=False),
+            metrics_port=r.integer("metrics_port", d.metrics_port, 0, 65535),
+            log_level=r.choice("log_level", d.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
+            log_format=r.choice("log_format", d.log_format, LOG_FORMATS),
+            stream_retention_s=r.integer("stream_retention_s", d.stream_retention_s, 0, 10**9),
         )
         if settings.dead_letter in (settings.stream, settings.attempts_key):
             raise ConfigError(
@@ -194,6 +168,16 @@ class Settings:
                 f"key ({settings.attempts_key})"
             )
         return settings
+
+
+@functools.cache
+def _env_names() -> dict[str, str]:
+    return {f.name: f.metadata["env"] for f in attrs.fields(Settings)}
+
+
+def _var(key: str) -> str:
+    """The variable a field reads (`key`: a field's name), or `key` itself (REDIS_HOST and the like)."""
+    return _env_names().get(key, key)
 
 
 @attrs.define
@@ -207,6 +191,7 @@ class _Reader:
         return None if value is None or value.strip() == "" else value.strip()
 
     def text(self, name: str, default: str, *, required: bool = True) -> str:
+        name = _var(name)
         value = self._get(name)
         if value is None:
             return default
@@ -224,6 +209,7 @@ class _Reader:
             raise ConfigError(f"{name} must be {what}, got {value!r}") from None
 
     def integer(self, name: str, default: int, low: int, high: int) -> int:
+        name = _var(name)
         what = f"an integer from {low} to {high}"
         value = self._parsed(name, default, int, what)
         if not low <= value <= high:
@@ -231,6 +217,7 @@ class _Reader:
         return value
 
     def number(self, name: str, default: float, low: float, high: float) -> float:
+        name = _var(name)
         what = f"a number from {low:g} to {high:g}"
         value = self._parsed(name, default, float, what)
         if not low <= value <= high:
@@ -238,6 +225,7 @@ class _Reader:
         return value
 
     def flag(self, name: str, default: bool) -> bool:
+        name = _var(name)
         words = {
             "1": True,
             "true": True,
@@ -265,6 +253,7 @@ class _Reader:
         *,
         upper: bool = False,
     ) -> str:
+        name = _var(name)
         value = self._get(name)
         if value is None:
             return default
@@ -275,6 +264,7 @@ class _Reader:
         return value
 
     def url(self, name: str, default: str, schemes: tuple[str, ...]) -> str:
+        name = _var(name)
         value = self._get(name) or default
         try:
             parts = urlsplit(value)
@@ -289,7 +279,7 @@ class _Reader:
 
 
 def _redis_url(r: _Reader) -> str:
-    url = r.url("REDIS_URL", "redis://localhost:6379/0", ("redis", "rediss", "unix"))
+    url = r.url("redis_url", "redis://localhost:6379/0", ("redis", "rediss", "unix"))
     host = r.text("REDIS_HOST", "localhost")
     port = r.integer("REDIS_PORT", 6379, 1, 65535)
     password = r.text("REDIS_PASSWORD", "", required=False)

@@ -17,9 +17,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from .errors import SentimentError
-from .pipeline import Batch, Worker
+from .parts import Parts
 from .post import entry_time
-from .processing import Analysed, Outcome
+from .processor import Analysed, Outcome
+from .worker import Batch, Worker
 
 log = logging.getLogger(__name__)
 STALL_AFTER_S = 600.0  # work in flight, services up, and no batch committed for this long: stalled
@@ -64,12 +65,13 @@ class Metrics:
 
 
 class Monitor:
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker, parts: Parts) -> None:
         self.worker = worker
+        self.parts = parts
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry)
         worker.on_commit.append(self.metrics.on_commit)
-        p = worker.processor
+        p = parts
         # What the probes below last found, by service: "" when it answered. Kept apart from the
         # pipeline's own view (p.redis, p.postgres, set by its real operations and logged once per
         # outage), so a probe that succeeds never declares "back" a service the pipeline still fails on.
@@ -79,12 +81,12 @@ class Monitor:
         p.postgres.on_change = lambda _up: self._show_up()
 
     def _show_up(self) -> None:
-        p = self.worker.processor
+        p = self.parts
         self.metrics.redis_up.set(int(p.redis.up and not self.probes["redis"]))
         self.metrics.postgres_up.set(int(p.postgres.up and not self.probes["postgres"]))
 
     def ready(self) -> tuple[bool, str]:
-        p = self.worker.processor
+        p = self.parts
         # Not ready before the start-up checks (keys, schema, grants, model) have passed: a fast 200
         # would only flap to 503 when one of them fails. What they wait for is said below.
         missing = [] if self.worker.prepared else ["starting: checking keys, schema, grants and the model"]
@@ -96,7 +98,7 @@ class Monitor:
         return not missing, "ready" if not missing else "not ready: " + "; ".join(missing)
 
     def healthy(self) -> tuple[bool, str]:
-        w, p = self.worker, self.worker.processor
+        w, p = self.worker, self.parts
         stuck = w.stuck()
         if stuck:
             entries = stuck[0].entries
@@ -126,7 +128,7 @@ class Monitor:
 
     async def sample(self, every: float = 5.0) -> None:
         """Every few seconds: group lag and pending count from Redis, and whether the servers answer."""
-        p = self.worker.processor
+        p = self.parts
         while True:
             self.metrics.model_loaded.set(int(p.analyzer.loaded))
             try:
@@ -153,10 +155,10 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 async def serve_monitor(
-    worker: Worker, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    worker: Worker, parts: Parts, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Serve /metrics, /healthz, /readyz on `port` (0 in tests: any free port, reported via started())."""
-    monitor = Monitor(worker)
+    monitor = Monitor(worker, parts)
     try:
         server = make_server(
             "0.0.0.0", port, monitor.wsgi(), ThreadingWSGIServer, handler_class=_QuietHandler

@@ -10,7 +10,6 @@ from pathlib import Path
 import redis
 from tqdm import tqdm
 
-from .config import Settings
 from .errors import ConfigError, StreamUnavailable
 from .synthetic import synthetic_posts
 
@@ -38,7 +37,8 @@ def read_posts(path: Path) -> Iterator[dict[str, str]]:
 
 
 def publish(
-    settings: Settings,
+    redis_url: str,
+    stream: str,
     posts: Iterator[dict[str, str]],
     *,
     total: int | None = None,
@@ -47,13 +47,13 @@ def publish(
     progress: bool = True,
 ) -> int:
     """XADD in pipelined chunks; returns how many were published."""
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis.Redis.from_url(redis_url)
     sent = 0
     try:
         with tqdm(total=total, unit="post", disable=not progress, mininterval=0.5) as bar:
             pipe = client.pipeline(transaction=False)
             for post in posts:
-                pipe.xadd(settings.stream, dict(post) if flat else {"data": json.dumps(post)})  # type: ignore[arg-type]
+                pipe.xadd(stream, dict(post) if flat else {"data": json.dumps(post)})  # type: ignore[arg-type]
                 sent += 1
                 if sent % chunk == 0:
                     pipe.execute()
@@ -67,9 +67,9 @@ def publish(
     return sent
 
 
-def run_produce(settings: Settings, *, path: str | None, count: int, seed: int, flat: bool) -> None:
+def run_produce(redis_url: str, stream: str, *, path: str | None, count: int, seed: int, flat: bool) -> None:
     if path:
-        sent = publish(settings, read_posts(Path(path)), flat=flat)
+        sent = publish(redis_url, stream, read_posts(Path(path)), flat=flat)
     else:
-        sent = publish(settings, synthetic_posts(count, seed=seed), total=count, flat=flat)
-    print(f"published {sent} posts to {settings.stream}")
+        sent = publish(redis_url, stream, synthetic_posts(count, seed=seed), total=count, flat=flat)
+    print(f"published {sent} posts to {stream}")

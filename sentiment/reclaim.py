@@ -1,18 +1,57 @@
-"""Recover stale pending entries left by dead consumers (scripts/reclaim.py).
+"""Pending entries: how many to take at once, claiming idle ones (XAUTOCLAIM), and the reclaim command.
 
-Walks XAUTOCLAIM from 0-0, following the cursor until it returns to 0-0, and sends what it claims through
-the worker's own analyse → write → ack path."""
+The worker's reclaimer and `python -m sentiment reclaim` (scripts/reclaim.py) walk the pending list with
+the same `claimed_pages`, and send what they claim through the processor's analyse → write → ack path."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
 from typing import TextIO
 
 import attrs
 import trio
 
-from .processing import Processor
-from .retry import retrying
-from .stream import PendingEntry
+from .errors import StoreUnavailable
+from .parts import Parts
+from .processor import Processor
+from .retry import Health, retrying
+from .stream import Claimed, PendingEntry, Stream
+
+
+async def page_size(
+    parts: Parts,
+    start: str,
+    consumer: str | None,
+    idle_ms: int | None,
+    *,
+    batch_size: int,
+    max_deliveries: int,
+) -> int:
+    """How many pending entries to take at once: `batch_size`, or 1 when the next page holds an entry
+    delivered more than `max_deliveries` times. Reading a batch of huge entries may be what killed the
+    workers before (memory); one at a time, each is read, bounded and dead-lettered on its own."""
+    ahead = await retrying(parts.redis, parts.stream.pending, batch_size, consumer, idle_ms, start)
+    return 1 if any(p.deliveries > max_deliveries for p in ahead) else batch_size
+
+
+async def claimed_pages(
+    stream: Stream, redis: Health, min_idle_ms: int, size: Callable[[str], Awaitable[int]]
+) -> AsyncGenerator[Claimed, None]:
+    """One pass of XAUTOCLAIM over the group's pending list, from 0-0 until the cursor comes back: each
+    page of entries idle for `min_idle_ms` or more, now ours. `size(start)` says how many to take from
+    `start`. Pending IDs whose entry was deleted (XDEL, trimming) cannot be processed: they are acked here
+    and reported in the page."""
+    cursor = "0-0"
+    while True:
+        count = await size("-" if cursor == "0-0" else cursor)
+        claimed = await retrying(redis, stream.autoclaim, cursor, min_idle_ms, count)
+        if claimed.deleted:
+            await retrying(redis, stream.ack, list(claimed.deleted))
+        yield claimed
+        cursor = claimed.cursor
+        if cursor in ("0-0", "0"):
+            return
 
 
 @attrs.define
@@ -26,37 +65,48 @@ class ReclaimReport:
         return attrs.asdict(self)
 
 
-async def reclaim(processor: Processor, min_idle_ms: int) -> ReclaimReport:
+async def reclaim(
+    parts: Parts,
+    processor: Processor,
+    min_idle_ms: int,
+    *,
+    batch_size: int,
+    max_deliveries: int,
+    commit_timeout_s: float,
+) -> ReclaimReport:
+    """Claim every entry idle for `min_idle_ms` or more, one page at a time, and process it."""
     report = ReclaimReport()
-    stream, redis = processor.stream, processor.redis
     await processor.prepare()
-    cursor = "0-0"
-    while True:
-        claimed = await retrying(redis, stream.autoclaim, cursor, min_idle_ms, processor.settings.batch_size)
-        if claimed.deleted:
-            await retrying(redis, stream.ack, list(claimed.deleted))
+
+    async def size(start: str) -> int:
+        return await page_size(
+            parts, start, None, min_idle_ms, batch_size=batch_size, max_deliveries=max_deliveries
+        )
+
+    async with aclosing(claimed_pages(parts.stream, parts.redis, min_idle_ms, size)) as pages:
+        async for claimed in pages:
             report.deleted += len(claimed.deleted)
-        if claimed.entries:
+            if not claimed.entries:
+                continue
             report.claimed += len(claimed.entries)
             analysed = await processor.analyse(claimed.entries)
-            with trio.CancelScope(
-                shield=True
-            ):  # a claimed batch is written and acked whole, or stays pending
+            # Written and acked whole, or left pending: shielded, and bounded like the worker's writer.
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + commit_timeout_s) as scope:
                 outcome = await processor.commit(analysed)
+            if scope.cancelled_caught:
+                raise StoreUnavailable(
+                    f"a claimed page was not written and acked within {commit_timeout_s:.0f} s "
+                    "(STUCK_BATCH_S); its entries stay pending"
+                )
             report.processed += outcome.written
             report.dead_lettered += outcome.dead_lettered
-        cursor = claimed.cursor
-        if cursor in ("0-0", "0"):
-            return report
+    return report
 
 
-async def list_stale(
-    processor: Processor, min_idle_ms: int, out: TextIO, limit: int = 10_000
-) -> list[PendingEntry]:
+async def list_stale(parts: Parts, min_idle_ms: int, out: TextIO, limit: int = 10_000) -> list[PendingEntry]:
     """--dry-run: the entries reclaim would take (XPENDING extended form), claiming nothing."""
-    stream = processor.stream
-    await retrying(processor.redis, stream.ensure_group)
-    stale = await retrying(processor.redis, stream.pending, limit, None, min_idle_ms)
+    await retrying(parts.redis, parts.stream.ensure_group)
+    stale = await retrying(parts.redis, parts.stream.pending, limit, None, min_idle_ms)
     print(f"{'id':<24} {'owner':<32} {'idle_ms':>12} {'deliveries':>10}", file=out)
     for p in stale:
         print(f"{p.id:<24} {p.consumer:<32} {p.idle_ms:>12} {p.deliveries:>10}", file=out)

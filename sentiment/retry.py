@@ -15,9 +15,9 @@ T = TypeVar("T")
 log = logging.getLogger("sentiment.retry")
 
 
-class Service:
-    """Up/down state of one dependency (Redis, PostgreSQL), shared by every task that uses it, so an
-    outage is logged once when it starts and once when it ends, however many tasks retry through it."""
+class Health:
+    """Up/down state of one dependency (Redis, PostgreSQL, the model), shared by every task that uses it,
+    so an outage is logged once when it starts and once when it ends, however many tasks retry through it."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -41,20 +41,20 @@ class Service:
             self.on_change(True)
 
 
-def _note_failure(service: Service, state: tenacity.RetryCallState) -> None:
+def _note_failure(health: Health, state: tenacity.RetryCallState) -> None:
     exc = state.outcome.exception() if state.outcome else None
     if exc is None:
         return
     # One failure that the first retry cures is a blip (a pooled connection that went stale while the
     # server restarted), not an outage: only a second failure in a row marks the service down.
     if state.attempt_number >= 2:
-        service.failed(exc)
+        health.failed(exc)
     else:
-        log.debug("%s call failed once, retrying: %s", service.name, exc)
+        log.debug("%s call failed once, retrying: %s", health.name, exc)
 
 
 async def retrying(
-    service: Service, op: Callable[..., Awaitable[T]], *args: Any, max_wait: float = 5.0, attempts: int = 0
+    health: Health, op: Callable[..., Awaitable[T]], *args: Any, max_wait: float = 5.0, attempts: int = 0
 ) -> T:
     """Run `op(*args)` until it succeeds, backing off on TransientError; other errors propagate at once.
 
@@ -66,10 +66,10 @@ async def retrying(
         stop=stop,
         sleep=trio.sleep,
         reraise=True,
-        before_sleep=lambda state: _note_failure(service, state),
+        before_sleep=lambda state: _note_failure(health, state),
     )
     async for attempt in retryer:
         with attempt:
             result = await op(*args)
-    service.succeeded()
+    health.succeeded()
     return result

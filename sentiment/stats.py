@@ -7,22 +7,15 @@ import sys
 from typing import Any
 
 import trio
-import trio_asyncio
 
-from .config import Settings
 from .store import PostgresStore
 from .stream import RedisStream
 
 
-async def collect(settings: Settings) -> dict[str, Any]:
-    async with trio_asyncio.open_loop(), RedisStream.open(settings) as stream:
-        figures = await stream.info()
-    store = PostgresStore(settings.database_url)
-    try:
-        await store.migrate()
-        counts = await store.counts()
-    finally:
-        await store.aclose()
+async def collect(stream: RedisStream, store: PostgresStore) -> dict[str, Any]:
+    figures = await stream.info()
+    await store.migrate()
+    counts = await store.counts()
     figures["tables"] = {
         "social_media_posts": counts.posts,
         "sentiment_analysis": counts.analyses,
@@ -53,9 +46,11 @@ def render(f: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-async def run_stats(settings: Settings, *, as_json: bool = False, watch: float | None = None) -> None:
+async def run_stats(
+    stream: RedisStream, store: PostgresStore, *, as_json: bool = False, watch: float | None = None
+) -> None:
     while True:
-        figures = await collect(settings)
+        figures = await collect(stream, store)
         text = json.dumps(figures) if as_json else render(figures)
         if watch:
             sys.stdout.write("\x1b[H\x1b[2J" + text + "\n")  # refresh in place: home, clear, redraw

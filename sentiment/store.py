@@ -32,9 +32,9 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .analysis.base import Analysis
-from .config import driver_text, mask_url
 from .errors import ConfigError, StoreError, StoreFailure, StoreUnavailable
 from .post import Post
+from .redact import driver_text, mask_url
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def _encode(post: Post, analysis: Analysis) -> tuple[Any, ...]:
 @attrs.frozen
 class Record:
     """A post and its analysis, encoded as a COPY row once, where it is made: in the analysis stage,
-    off the writer's critical path (encoding on the writer cost it a quarter of its time)."""
+    off the writer's critical path (docs/benchmarks.md)."""
 
     post: Post
     analysis: Analysis
@@ -189,6 +189,41 @@ _NEEDED = (
     "USAGE on the sequence of sentiment_analysis.id",
     "TEMPORARY on the database",
 )
+
+
+def prepare_connection(conn: psycopg.Connection[Any]) -> None:
+    """Create the session's staging table for `write_rows`, outside any batch transaction, so that a
+    rollback cannot drop it."""
+    conn.execute(_TEMP_TABLE)
+
+
+def write_rows(
+    conn: psycopg.Connection[Any], rows: Sequence[tuple[Any, ...]], *, replace: bool = False
+) -> WriteResult:
+    """Write `Record.row`s in one transaction: COPY into the staging table, then the posts and their
+    analyses with INSERT … ON CONFLICT DO NOTHING, so a redelivered batch writes nothing twice. A post_id
+    already stored with other content is reported in `conflicts` and not written. `replace`: the new
+    analyses become the current ones and the replaced ones move to the history table (reanalyze).
+    Used by PostgresStore and by the raw-loop benchmark, which measures the same SQL without the worker."""
+    with conn.transaction(), conn.cursor() as cur:
+        try:
+            with cur.copy(f"COPY incoming ({', '.join(_COLUMNS)}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+        except psycopg.Error:
+            raise
+        except Exception as exc:
+            # A value psycopg cannot encode (say, a lone surrogate that slipped past validation) is the
+            # data's fault like a row the server refuses: the caller isolates it row by row.
+            raise StoreError(f"a row cannot be encoded: {type(exc).__name__}: {exc}"[:300]) from exc
+        cur.execute(_INSERT_POSTS)
+        posts = cur.rowcount
+        if replace:
+            cur.execute(_MOVE_TO_HISTORY)
+            cur.execute(_DELETE_REPLACED)
+        conflicts = tuple(r[0] for r in cur.execute(_CONFLICTS).fetchall())
+        cur.execute(_INSERT_ANALYSES)
+        return WriteResult(posts, cur.rowcount, conflicts)
 
 
 class PostgresStore:
@@ -302,27 +337,9 @@ class PostgresStore:
         self, conn: psycopg.Connection[Any], rows: list[tuple[Any, ...]], replace: bool
     ) -> WriteResult:
         if not self._has_temp:
-            conn.execute(_TEMP_TABLE)  # outside the batch transaction, so a rollback cannot drop it
+            prepare_connection(conn)
             self._has_temp = True
-        with conn.transaction(), conn.cursor() as cur:
-            try:
-                with cur.copy(f"COPY incoming ({', '.join(_COLUMNS)}) FROM STDIN") as copy:
-                    for row in rows:
-                        copy.write_row(row)
-            except psycopg.Error:
-                raise
-            except Exception as exc:
-                # A value psycopg cannot encode (say, a lone surrogate that slipped past validation) is
-                # the data's fault like a row the server refuses: the caller isolates it row by row.
-                raise StoreError(f"a row cannot be encoded: {type(exc).__name__}: {exc}"[:300]) from exc
-            cur.execute(_INSERT_POSTS)
-            posts = cur.rowcount
-            if replace:
-                cur.execute(_MOVE_TO_HISTORY)
-                cur.execute(_DELETE_REPLACED)
-            conflicts = tuple(r[0] for r in cur.execute(_CONFLICTS).fetchall())
-            cur.execute(_INSERT_ANALYSES)
-            return WriteResult(posts, cur.rowcount, conflicts)
+        return write_rows(conn, rows, replace=replace)
 
     async def counts(self) -> TableCounts:
         def query(conn: psycopg.Connection[Any]) -> TableCounts:

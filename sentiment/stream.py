@@ -1,44 +1,22 @@
-"""The stream source: a Redis Stream read through a consumer group.
-
-redis-py has no trio support, so `redis.asyncio` runs on a trio-asyncio loop (opened once by the caller)
-and each command crosses over with `aio_as_trio`. Driver errors become StreamUnavailable here.
-"""
+"""The stream source: a Redis Stream read through a consumer group, the dead-letter stream beside it,
+and the hash of per-entry attempt counts."""
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import attrs
-import redis.asyncio as aioredis
 import redis.exceptions as rex
-import trio_asyncio
 
 from . import deadletter
-from .config import Settings, driver_text, mask_url, one_line
-from .errors import ConfigError, OutOfMemory, StreamUnavailable
+from .errors import ConfigError, StreamUnavailable
+from .redact import one_line
+from .redis_client import NoGroup, RedisClient, decode, no_such_key
 
 T = TypeVar("T")
-# Error codes that say the environment is wrong (busy, read-only, out of memory, ACL, a key of the
-# wrong type), not an entry.
-_NOT_OURS = frozenset(
-    {
-        "LOADING",
-        "BUSY",
-        "TRYAGAIN",
-        "MASTERDOWN",
-        "READONLY",
-        "OOM",
-        "MISCONF",
-        "NOREPLICAS",
-        "CLUSTERDOWN",
-        "NOPERM",
-        "WRONGTYPE",
-    }
-)
 
 
 @attrs.frozen
@@ -94,87 +72,38 @@ class Stream(Protocol):
     async def trim_acked(self, min_age_ms: int) -> int: ...
 
 
-def _no_such_key(exc: rex.ResponseError) -> bool:
-    """The XINFO reply for a key that does not exist (yet)."""
-    return "no such key" in str(exc).lower()
-
-
-def _decode(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 class RedisStream:
-    """Stream on Redis. Open it with `RedisStream.open(settings)` inside `trio_asyncio.open_loop()`."""
+    """Stream on Redis, through a `RedisClient` (see redis_client.py for how commands reach Redis)."""
 
-    def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
-        self._redis = client
-        self.settings = settings
-        self.name = settings.stream
-        self.group = settings.group
-        self.consumer = settings.consumer
-        self.dead = settings.dead_letter
-        self.attempts = settings.attempts_key
-
-    @classmethod
-    @asynccontextmanager
-    async def open(cls, settings: Settings) -> AsyncIterator[RedisStream]:
-        try:
-            client = aioredis.Redis.from_url(
-                settings.redis_url,
-                decode_responses=False,  # entries may hold bytes that are not UTF-8: Post decides
-                socket_connect_timeout=5,
-                socket_timeout=settings.block_ms / 1000 + 10,  # longer than any XREADGROUP BLOCK
-                health_check_interval=30,
-            )
-        except ValueError as exc:
-            raise ConfigError(f"REDIS_URL is not usable ({mask_url(settings.redis_url)}): {exc}") from None
-        try:
-            yield cls(client, settings)
-        finally:
-            await trio_asyncio.aio_as_trio(client.aclose)()
+    def __init__(
+        self,
+        client: RedisClient,
+        *,
+        stream: str,
+        group: str,
+        consumer: str,
+        dead_letter: str,
+        attempts: str,
+        dead_letter_max_bytes: int,
+    ) -> None:
+        self._client = client
+        self._redis = client.raw
+        self.name = stream
+        self.group = group
+        self.consumer = consumer
+        self.dead = dead_letter
+        self.attempts = attempts
+        self.dead_letter_max_bytes = dead_letter_max_bytes
 
     async def _call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         try:
-            result: T = await trio_asyncio.aio_as_trio(fn)(*args, **kwargs)
-            return result
-        except rex.AuthenticationError as exc:
-            raise ConfigError(
-                f"Redis at {mask_url(self.settings.redis_url)} refused the credentials in REDIS_URL or "
-                f"REDIS_PASSWORD: {exc}"
-            ) from None
-        except rex.InvalidResponse as exc:
-            if "memory" not in str(exc).lower():
-                raise
-            raise self._out_of_memory() from None
-        except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
+            return await self._client.call(fn, *args, **kwargs)
+        except NoGroup as exc:
+            # Redis restarted without persistence, or someone deleted the key: build it again.
+            await self.ensure_group()
             raise StreamUnavailable(
-                f"Redis at {mask_url(self.settings.redis_url)}: {driver_text(exc, self.settings.redis_url)}"
+                f"consumer group {self.group} was missing and has been recreated"
             ) from exc
-        except MemoryError:
-            raise self._out_of_memory() from None
-        except rex.ResponseError as exc:
-            message = str(exc)
-            if message.startswith("NOGROUP"):
-                # Redis restarted without persistence, or someone deleted the key: build it again.
-                await self.ensure_group()
-                raise StreamUnavailable(
-                    f"consumer group {self.group} was missing and has been recreated"
-                ) from exc
-            if message.partition(" ")[0] in _NOT_OURS:  # the error code: BUSY is not BUSYGROUP
-                # The server, its configuration or a key someone changed: no entry's fault. Retried with
-                # backoff (one log line), entries stay pending.
-                raise StreamUnavailable(f"Redis refused a command: {message}") from exc
-            raise
-
-    @staticmethod
-    def _out_of_memory() -> OutOfMemory:
-        # Entries too large to hold together (hiredis reports it as MemoryError or as an invalid reply).
-        # The process stops; the next start reads entries delivered more than MAX_DELIVERIES times one
-        # at a time (Worker._page_size).
-        return OutOfMemory(
-            "out of memory reading entries from Redis: they stay pending, and once delivered more than "
-            "MAX_DELIVERIES times they are read one at a time"
-        )
 
     async def ping(self) -> bool:
         await self._call(self._redis.ping)
@@ -196,7 +125,7 @@ class RedisStream:
             self.attempts: ("hash", "the attempt counts key"),
         }
         for key, (kind, what) in expected.items():
-            found = _decode(await self._call(self._redis.type, key))
+            found = decode(await self._call(self._redis.type, key))
             if found not in ("none", kind):
                 raise ConfigError(
                     f"{what} {key!r} holds a {found}, not a {kind}: choose another key or delete it"
@@ -216,9 +145,9 @@ class RedisStream:
                 if entry_id is None:
                     continue
                 (
-                    entries.append(Entry(_decode(entry_id), fields))
+                    entries.append(Entry(decode(entry_id), fields))
                     if fields
-                    else deleted.append(_decode(entry_id))
+                    else deleted.append(decode(entry_id))
                 )
         return entries, deleted
 
@@ -233,9 +162,9 @@ class RedisStream:
             count=count,
         )
         next_cursor, items = reply[0], reply[1]
-        deleted = tuple(_decode(x) for x in reply[2]) if len(reply) > 2 else ()
-        entries = [Entry(_decode(i), f) for i, f in items if i is not None and f]
-        return Claimed(_decode(next_cursor), tuple(await self.with_deliveries(entries)), deleted)
+        deleted = tuple(decode(x) for x in reply[2]) if len(reply) > 2 else ()
+        entries = [Entry(decode(i), f) for i, f in items if i is not None and f]
+        return Claimed(decode(next_cursor), tuple(await self.with_deliveries(entries)), deleted)
 
     async def with_deliveries(self, entries: Sequence[Entry]) -> list[Entry]:
         """The same entries with their delivery counts (XPENDING), for redelivered ones."""
@@ -251,7 +180,7 @@ class RedisStream:
             count=max(len(ids) * 2, 1000),
             consumername=self.consumer,
         )
-        counts = {_decode(r["message_id"]): int(r["times_delivered"]) for r in rows}
+        counts = {decode(r["message_id"]): int(r["times_delivered"]) for r in rows}
         return [attrs.evolve(e, deliveries=counts.get(e.id, e.deliveries)) for e in entries]
 
     async def ack(self, ids: Sequence[str]) -> None:
@@ -293,7 +222,7 @@ class RedisStream:
                 deliveries=letter.entry.deliveries,
                 consumer=self.consumer,
                 now_ms=now_ms,
-                max_bytes=self.settings.dead_letter_max_bytes,
+                max_bytes=self.dead_letter_max_bytes,
             )
             pipe.xadd(self.dead, fields, id=dead_id)  # type: ignore[arg-type]
         results: Any = await self._call(pipe.execute, raise_on_error=False)
@@ -313,10 +242,10 @@ class RedisStream:
         try:
             info: Any = await self._call(self._redis.xinfo_stream, self.dead)
         except rex.ResponseError as exc:
-            if _no_such_key(exc):
+            if no_such_key(exc):
                 return (0, 0)
             raise
-        return id_key(_decode(info["last-generated-id"]))
+        return id_key(decode(info["last-generated-id"]))
 
     async def last_dead_id(self) -> str:
         ms, seq = await self._last_dead_id()
@@ -369,10 +298,10 @@ class RedisStream:
 
     async def dead_range(self, start: str, end: str, count: int) -> list[tuple[str, dict[bytes, bytes]]]:
         rows: Any = await self._call(self._redis.xrange, self.dead, start, end, count=count)
-        return [(_decode(i), dict(f)) for i, f in rows]
+        return [(decode(i), dict(f)) for i, f in rows]
 
     async def publish(self, stream: str, fields: Mapping[bytes, bytes]) -> str:
-        return _decode(await self._call(self._redis.xadd, stream, dict(fields)))
+        return decode(await self._call(self._redis.xadd, stream, dict(fields)))
 
     async def remove_dead(self, ids: Sequence[str]) -> int:
         return int(await self._call(self._redis.xdel, self.dead, *ids)) if ids else 0
@@ -407,8 +336,8 @@ class RedisStream:
         )
         return [
             PendingEntry(
-                _decode(r["message_id"]),
-                _decode(r["consumer"]),
+                decode(r["message_id"]),
+                decode(r["consumer"]),
                 int(r["time_since_delivered"]),
                 int(r["times_delivered"]),
             )
@@ -423,7 +352,7 @@ class RedisStream:
         try:
             groups: list[dict[str, Any]] = await self._call(self._redis.xinfo_groups, self.name)
         except rex.ResponseError as exc:
-            if _no_such_key(exc):  # the stream does not exist yet
+            if no_such_key(exc):  # the stream does not exist yet
                 return []
             raise
         return groups
@@ -431,7 +360,7 @@ class RedisStream:
     async def group_info(self) -> dict[str, int]:
         """Our group's lag (entries not yet delivered to it) and pending count (XINFO GROUPS)."""
         for group in await self._groups():
-            if _decode(group["name"]) == self.group:
+            if decode(group["name"]) == self.group:
                 lag = group.get("lag")
                 return {"lag": int(lag) if lag is not None else -1, "pending": int(group["pending"])}
         return {"lag": -1, "pending": 0}
@@ -441,16 +370,16 @@ class RedisStream:
         length = int(await self._call(self._redis.xlen, self.name))
         groups = []
         for g in await self._groups():
-            name = _decode(g["name"])
+            name = decode(g["name"])
             consumers = await self._call(self._redis.xinfo_consumers, self.name, name)
             groups.append(
                 {
                     "name": name,
                     "pending": int(g["pending"]),
                     "lag": g.get("lag"),
-                    "last_delivered_id": _decode(g["last-delivered-id"]),
+                    "last_delivered_id": decode(g["last-delivered-id"]),
                     "consumers": [
-                        {"name": _decode(c["name"]), "pending": int(c["pending"]), "idle_ms": int(c["idle"])}
+                        {"name": decode(c["name"]), "pending": int(c["pending"]), "idle_ms": int(c["idle"])}
                         for c in consumers
                     ],
                 }
@@ -473,14 +402,14 @@ class RedisStream:
         this on the server; Redis 7 has no such option, so the floor is computed here."""
         floor = (int(time.time() * 1000) - min_age_ms, 0)
         groups = await self._groups()
-        if self.group not in {_decode(g["name"]) for g in groups}:
+        if self.group not in {decode(g["name"]) for g in groups}:
             raise StreamUnavailable(f"consumer group {self.group} not found: nothing is trimmed")
         for group in groups:
             if int(group["pending"]):
-                summary = await self._call(self._redis.xpending, self.name, _decode(group["name"]))
+                summary = await self._call(self._redis.xpending, self.name, decode(group["name"]))
                 if summary["min"] is not None:  # None: its pending list drained since XINFO
-                    floor = min(floor, id_key(_decode(summary["min"])))
-            ms, seq = id_key(_decode(group["last-delivered-id"]))
+                    floor = min(floor, id_key(decode(summary["min"])))
+            ms, seq = id_key(decode(group["last-delivered-id"]))
             floor = min(floor, (ms, seq + 1))
         return int(
             await self._call(self._redis.xtrim, self.name, minid=f"{floor[0]}-{floor[1]}", approximate=False)

@@ -59,12 +59,10 @@ class EmbeddedAnalyzer(LocalAnalyzer):
     def __init__(
         self, *, quantize: bool = True, threads: int = 0, chunk: int = 12, artefact: Path = ARTEFACT
     ) -> None:
-        # chunk: texts per forward pass, after sorting by length. Small chunks pad little (tweets vary
-        # from 5 to 60 tokens) and balance the streams: on 2 cores, batches of 64, 8 to 12 measured
-        # 1.14-1.3x chunks of 16 (12: the closest to fp32 on validation), 4 and 6 no better, 32 0.7x.
-        # threads: inference threads, each running one chunk at a time on one core (0: one per usable
-        # core). Measured on 2 cores: two single-threaded streams do 1.13x the posts/s of one chunk
-        # spread over two torch threads, whose small matrix products split badly.
+        # chunk: texts per forward pass, after sorting by length: small chunks pad little (tweets vary
+        # from 5 to 60 tokens) and balance the streams. threads: inference threads, each running one
+        # chunk at a time on one core (0: one per usable core), since torch splits small matrix products
+        # badly across threads. Measurements: docs/benchmarks.md, "Design measurements".
         super().__init__(chunk, streams=threads or usable_cores())
         self.artefact = artefact
         self.quantize = quantize
@@ -82,11 +80,10 @@ class EmbeddedAnalyzer(LocalAnalyzer):
         if self.quantize:
             with warnings.catch_warnings():
                 # torch marks eager dynamic quantization deprecated in favour of torchao; it is still the
-                # fastest CPU path here (int8 Linear: ~2.6x fp32 on 2 cores) and needs no extra package.
+                # fastest CPU path here and needs no extra package.
                 warnings.simplefilter("ignore")
-                # Every Linear of the encoder, per channel (on validation, an fp32 top layer was no more
-                # accurate and ~9% slower). Not the heads: a sliver of the compute, and int8 heads cost the
-                # emotion head's calibrated margins more accuracy than the whole encoder does.
+                # Every Linear of the encoder, per channel; not the heads, a sliver of the compute whose
+                # calibrated margins int8 would cost more accuracy (docs/benchmarks.md).
                 quant = torch.ao.quantization
                 model.encoder = quant.quantize_dynamic(  # type: ignore[no-untyped-call]
                     model.encoder, {torch.nn.Linear: quant.per_channel_dynamic_qconfig}, dtype=torch.qint8

@@ -11,7 +11,6 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from ..config import Settings
 from ..errors import ConfigError, ModelError
 from .base import Analysis
 from .labels import DEFAULT_EMOTION_MAP, DEFAULT_SENTIMENT_MAP, EMOTIONS, SENTIMENTS, map_label
@@ -94,12 +93,6 @@ class TransformersAnalyzer(LocalAnalyzer):
         self.emotion_map = {**DEFAULT_EMOTION_MAP, **(emotion_map or {})}
         self.name = f"{sentiment_model}+{emotion_model}"
         self._models: tuple[_Classifier, _Classifier] | None = None
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> TransformersAnalyzer:
-        return cls(
-            settings.sentiment_model, settings.emotion_model, parse_label_map(settings.emotion_label_map)
-        )
 
     def _load_model(self) -> None:
         self._models = (

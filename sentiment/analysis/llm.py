@@ -17,8 +17,8 @@ import httpx
 import tenacity
 import trio
 
-from ..config import Settings, mask_url
 from ..errors import ConfigError, ModelError, ModelUnavailable
+from ..redact import mask_url
 from .base import Analysis, empty_result
 from .labels import EMOTIONS, SENTIMENTS
 
@@ -89,7 +89,8 @@ class CircuitBreaker:
             self.opened_at = trio.current_time()
 
 
-def _wait(state: tenacity.RetryCallState) -> float:
+def retry_wait(state: tenacity.RetryCallState) -> float:
+    """How long to wait before the next try: the provider's Retry-After (bounded), else backoff."""
     exc = state.outcome.exception() if state.outcome else None
     backoff = tenacity.wait_exponential_jitter(multiplier=0.5, max=20)(state)
     if isinstance(exc, RetryableReply) and exc.retry_after is not None and math.isfinite(exc.retry_after):
@@ -125,10 +126,6 @@ class LLMAnalyzer:
         self.breaker = breaker or CircuitBreaker()
         self.name = f"llm:{provider}:{self.model}"
 
-    @classmethod
-    def from_settings(cls, settings: Settings) -> LLMAnalyzer:
-        return cls(settings.llm_provider, settings.llm_api_key, settings.llm_model, settings.llm_base_url)
-
     def __repr__(self) -> str:
         return f"LLMAnalyzer(provider={self.provider!r}, model={self.model!r}, api_key='***')"
 
@@ -145,7 +142,7 @@ class LLMAnalyzer:
             async with httpx.AsyncClient(timeout=self.timeout) as client:
                 retryer = tenacity.AsyncRetrying(
                     retry=tenacity.retry_if_exception_type(RetryableReply),
-                    wait=_wait,
+                    wait=retry_wait,
                     stop=tenacity.stop_after_attempt(self.attempts),
                     sleep=trio.sleep,
                     reraise=True,

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from ..synthetic import synthetic_posts
 
 
@@ -137,11 +139,11 @@ def bench_pipeline(
     import trio
 
     from ..config import Settings
-    from ..pipeline import Batch, Worker
     from ..post import entry_time
-    from ..processing import Analysed, Outcome
+    from ..processor import Analysed, Outcome
     from ..produce import publish
-    from ..service import open_processor
+    from ..wiring import build_worker, open_parts
+    from ..worker import Batch
 
     stream = f"bench:{uuid.uuid4().hex[:8]}"
     settings = Settings(
@@ -156,7 +158,7 @@ def bench_pipeline(
     )
     posts = list(synthetic_posts(n, seed=3, prefix=stream))
     if not rate:
-        publish(settings, iter(posts), total=n, progress=False, flat=True)
+        publish(settings.redis_url, settings.stream, iter(posts), total=n, progress=False, flat=True)
     marks: dict[str, float] = {}
     latencies: list[float] = []
 
@@ -168,14 +170,14 @@ def bench_pipeline(
 
     def paced() -> None:
         for i in range(0, n, 10):
-            publish(settings, iter(posts[i : i + 10]), progress=False, flat=True)
+            publish(settings.redis_url, settings.stream, iter(posts[i : i + 10]), progress=False, flat=True)
             time.sleep(10 / rate)
 
     async def main() -> None:
-        async with open_processor(settings) as processor:
-            await processor.store.migrate()
-            await processor.analyzer.load()
-            worker = Worker(processor)
+        async with open_parts(settings) as parts:
+            await parts.store.migrate()
+            await parts.analyzer.load()
+            worker = build_worker(settings, parts)
             worker.on_commit.append(on_commit)
             if rate:
                 publisher = threading.Thread(target=paced)
@@ -218,52 +220,48 @@ def _drop_stream(redis_url: str, stream: str) -> None:
 
 
 def bench_raw(n: int, batch_size: int, redis_url: str, database_url: str) -> dict[str, Any]:
-    """The stack's floor: a plain synchronous loop of XREADGROUP + COPY + INSERT … ON CONFLICT + XACK,
-    no framework and no validation."""
+    """The stack's floor: a plain synchronous loop of XREADGROUP, the store's own COPY + INSERT … ON
+    CONFLICT (`store.write_rows`) and XACK; no framework, no validation, no model."""
+    from datetime import UTC, datetime
+
     import psycopg
     import redis
 
-    from ..config import Settings
+    from ..analysis.base import empty_result
+    from ..post import Post
     from ..produce import publish
-    from ..store import _COLUMNS, _INSERT_ANALYSES, _INSERT_POSTS, _TEMP_TABLE
+    from ..store import Record, prepare_connection, write_rows
 
     stream = f"raw:{uuid.uuid4().hex[:8]}"
-    settings = Settings(database_url=database_url, redis_url=redis_url, stream=stream)
-    publish(
-        settings, synthetic_posts(n, seed=4, prefix=stream), total=n, progress=False, flat=True
-    )  # same fields as the pipeline reads
+    posts = synthetic_posts(n, seed=4, prefix=stream)
+    publish(redis_url, stream, posts, total=n, progress=False, flat=True)  # the fields the pipeline reads
     r = redis.Redis.from_url(redis_url)
     r.xgroup_create(stream, "raw", id="0")
-    scores = '{"sentiment": {}, "emotion": {}}'
+    result = empty_result("raw")
+    created = datetime(2026, 1, 1, tzinfo=UTC)
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(_TEMP_TABLE)
+        prepare_connection(conn)
         started = time.perf_counter()
         while True:
             reply: Any = r.xreadgroup("raw", "c", {stream: ">"}, count=batch_size)
             if not reply:
                 break
             entries = reply[0][1]
-            with conn.transaction(), conn.cursor() as cur:
-                with cur.copy(f"COPY incoming ({', '.join(_COLUMNS)}) FROM STDIN") as copy:
-                    for entry_id, f in entries:
-                        copy.write_row(
-                            (
-                                f[b"post_id"].decode(),
-                                "",
-                                f[b"content"].decode(),
-                                "",
-                                "2026-01-01",
-                                "neutral",
-                                1.0,
-                                "neutral",
-                                1.0,
-                                scores,
-                                "raw",
-                                entry_id.decode(),
-                            )
-                        )
-                cur.execute(_INSERT_POSTS)
-                cur.execute(_INSERT_ANALYSES)
+            rows = [
+                Record(
+                    Post(
+                        entry_id=i.decode(),
+                        post_id=f[b"post_id"].decode(),
+                        content=f[b"content"].decode(),
+                        source="",
+                        author="",
+                        created_at=created,
+                    ),
+                    result,
+                ).row
+                for i, f in entries
+            ]
+            write_rows(conn, rows)
             r.xack(stream, "raw", *[e[0] for e in entries])
         elapsed = time.perf_counter() - started
     r.delete(stream)
@@ -282,22 +280,20 @@ def bench_workers(k: int, n: int, redis_url: str, database_url: str, batch_size:
     from ..produce import publish
 
     stream = f"workers:{uuid.uuid4().hex[:8]}"
-    settings = Settings(database_url=database_url, redis_url=redis_url, stream=stream)
-    publish(settings, synthetic_posts(n, seed=5, prefix=stream), total=n, progress=False)
-    threads = max(1, usable_cores() // k)
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "REDIS_STREAM_NAME": stream,
-        "METRICS_PORT": "0",
-        "INFERENCE_THREADS": str(threads),
-        "BATCH_SIZE": str(batch_size),
-        "LOG_LEVEL": "WARNING",
-    }
+    publish(redis_url, stream, synthetic_posts(n, seed=5, prefix=stream), total=n, progress=False)
+    settings = Settings(
+        database_url=database_url,
+        redis_url=redis_url,
+        stream=stream,
+        metrics_port=0,
+        inference_threads=max(1, usable_cores() // k),
+        batch_size=batch_size,
+        log_level="WARNING",
+    )
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "sentiment", "run", "--drain"], env={**env, "CONSUMER_NAME": f"bw{i}"}
+            [sys.executable, "-m", "sentiment", "run", "--drain"],
+            env={**os.environ, **attrs.evolve(settings, consumer=f"bw{i}").to_env()},
         )
         for i in range(k)
     ]
@@ -313,97 +309,8 @@ def bench_workers(k: int, n: int, redis_url: str, database_url: str, batch_size:
     _drop_stream(redis_url, stream)
     return {
         "workers": k,
-        "threads_each": threads,
+        "threads_each": settings.inference_threads,
         "posts_per_s": round(row[0] / max(float(row[1]), 1e-9), 1),
         "n": int(row[0]),
         "peak_rss_mb": round(peak, 1),
-    }
-
-
-def bench_store_routes(
-    database_url: str, batches: int = 20, size: int = 500, rounds: int = 3
-) -> dict[str, Any]:
-    """The store's design choice, measured: the same COPY + INSERT … ON CONFLICT batches through (a) a sync
-    psycopg connection in a worker thread and (b) psycopg's AsyncConnection through trio-asyncio."""
-    # isort: off
-    # trio_asyncio before psycopg: psycopg's async code binds asyncio.get_running_loop at import, and
-    # trio-asyncio must have patched it by then, or AsyncConnection finds "no running event loop".
-    import trio
-    import trio_asyncio
-    import psycopg
-
-    # isort: on
-
-    from ..analysis.base import empty_result
-    from ..post import Limits, Post
-    from ..store import _COLUMNS, _INSERT_ANALYSES, _INSERT_POSTS, _TEMP_TABLE, Record
-
-    copy_sql = f"COPY incoming ({', '.join(_COLUMNS)}) FROM STDIN"
-    result = empty_result("bench")
-
-    def make(tag: str) -> list[list[tuple[Any, ...]]]:
-        out = []
-        for b in range(batches):
-            posts = synthetic_posts(size, seed=b, prefix=f"{tag}-{uuid.uuid4().hex[:8]}")
-            out.append(
-                [
-                    Record(
-                        Post.from_fields(
-                            f"{1_700_000_000_000 + i}-0",
-                            {k.encode(): v.encode() for k, v in p.items()},
-                            Limits(),
-                        ),
-                        result,
-                    ).row
-                    for i, p in enumerate(posts)
-                ]
-            )
-        return out
-
-    def write_sync(conn: Any, rows: list[tuple[Any, ...]]) -> None:
-        with conn.transaction(), conn.cursor() as cur:
-            with cur.copy(copy_sql) as copy:
-                for r in rows:
-                    copy.write_row(r)
-            cur.execute(_INSERT_POSTS)
-            cur.execute(_INSERT_ANALYSES)
-
-    async def write_async(conn: Any, rows: list[tuple[Any, ...]]) -> None:
-        async with conn.transaction(), conn.cursor() as cur:
-            async with cur.copy(copy_sql) as copy:
-                for r in rows:
-                    await copy.write_row(r)
-            await cur.execute(_INSERT_POSTS)
-            await cur.execute(_INSERT_ANALYSES)
-
-    async def connect_async() -> Any:
-        conn = await psycopg.AsyncConnection.connect(database_url, autocommit=True)
-        await conn.execute(_TEMP_TABLE)
-        return conn
-
-    async def main() -> dict[str, list[float]]:
-        rates: dict[str, list[float]] = {"thread": [], "asyncio": []}
-        limiter = trio.CapacityLimiter(1)
-        async with trio_asyncio.open_loop():
-            aconn = await trio_asyncio.aio_as_trio(connect_async)()
-            sconn = psycopg.connect(database_url, autocommit=True)
-            sconn.execute(_TEMP_TABLE)
-            for _ in range(rounds):
-                for kind in ("thread", "asyncio"):
-                    data = make(kind)
-                    started = time.perf_counter()
-                    for rows in data:
-                        if kind == "thread":
-                            await trio.to_thread.run_sync(write_sync, sconn, rows, limiter=limiter)
-                        else:
-                            await trio_asyncio.aio_as_trio(write_async)(aconn, rows)
-                    rates[kind].append(batches * size / (time.perf_counter() - started))
-            sconn.close()
-            await trio_asyncio.aio_as_trio(aconn.close)()
-        return rates
-
-    rates = trio.run(main)
-    return {
-        k: {"rows_per_s": round(statistics.median(v)), "runs": [round(x) for x in v]}
-        for k, v in rates.items()
     }

@@ -19,6 +19,7 @@ import attrs
 import psycopg
 import redis
 
+from ..config import Settings
 from ..deadletter import decode
 from ..synthetic import synthetic_posts
 from .throwaway import ThrowawayPostgres, ThrowawayRedis, make_workdir
@@ -134,22 +135,22 @@ def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
     rds, pg = ThrowawayRedis(work / "redis"), ThrowawayPostgres(work / "pg")
     rds.start()
     pg.start()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "DATABASE_"))},
-        "DATABASE_URL": pg.url,
-        "REDIS_URL": rds.url,
-        "REDIS_STREAM_NAME": STREAM,
-        "REDIS_CONSUMER_GROUP": GROUP,
-        "MODEL_TYPE": cfg.model,
-        "METRICS_PORT": "0",
-        "BATCH_SIZE": str(cfg.batch_size),
-        "BLOCK_MS": "500",
-        "CLAIM_MIN_IDLE_MS": "3000",
-        "RECLAIM_INTERVAL_MS": "1000",
-        "SHUTDOWN_GRACE_S": "5",
-        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
-    }
-    fleet = Fleet(env, work)
+    settings = Settings(
+        database_url=pg.url,
+        redis_url=rds.url,
+        stream=STREAM,
+        group=GROUP,
+        model_type=cfg.model,
+        metrics_port=0,
+        batch_size=cfg.batch_size,
+        block_ms=500,
+        claim_min_idle_ms=3000,
+        reclaim_interval_ms=1000,
+        shutdown_grace_s=5.0,
+    )
+    base = {k: v for k, v in os.environ.items() if k not in Settings.env_names()}
+    base["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])  # the checkout
+    fleet = Fleet(base | settings.to_env(), work)  # each worker gets its own CONSUMER_NAME
     try:
         for _ in range(cfg.workers):
             fleet.start()
@@ -182,12 +183,10 @@ def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
             cwd=work,
             capture_output=True,
             timeout=600,
-            env={
-                **env,
-                "CONSUMER_NAME": "chaos-drain",
-                "CLAIM_MIN_IDLE_MS": "100",
-                "RECLAIM_INTERVAL_MS": "100",
-            },
+            env=base
+            | attrs.evolve(
+                settings, consumer="chaos-drain", claim_min_idle_ms=100, reclaim_interval_ms=100
+            ).to_env(),
             check=False,
         )
         if drain.returncode != 0:

@@ -20,7 +20,7 @@ import redis
 from psycopg.conninfo import conninfo_to_dict
 
 from sentiment.config import Settings
-from sentiment.processing import SOLO_CRASHES
+from sentiment.processor import SOLO_CRASHES
 from sentiment.tools.throwaway import ThrowawayRedis, free_port, make_workdir
 
 from ..support.llm_server import Reply, llm_server

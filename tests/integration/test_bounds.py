@@ -15,13 +15,11 @@ import psycopg
 import pytest
 import redis
 import trio
-import trio_asyncio
 
 from sentiment.config import Settings
-from sentiment.pipeline import Worker
-from sentiment.service import EXIT_MARGIN_S, open_processor
-from sentiment.stream import RedisStream
+from sentiment.shutdown import EXIT_MARGIN_S
 from sentiment.tools.throwaway import ThrowawayPostgres, ThrowawayRedis, free_port, make_workdir
+from sentiment.wiring import open_stream, open_worker
 
 from ..support.fakes import FakeAnalyzer
 from ..support.proxy import Cutter, cutting_proxy
@@ -194,17 +192,17 @@ async def test_start_up_reads_each_entry_once(settings: Settings, rds: redis.Red
     }
     await trio.sleep(0.01)
     analyzer = FakeAnalyzer()
-    async with open_processor(tuned, analyzer) as processor:
+    async with open_worker(tuned, analyzer) as worker:
         seen: list[tuple[str, int]] = []
-        analyse = processor.analyse
+        analyse = worker.processor.analyse
 
         async def recording(entries):  # type: ignore[no-untyped-def]
             seen.extend((e.id, e.deliveries) for e in entries)
             return await analyse(entries)
 
-        processor.analyse = recording  # type: ignore[method-assign]
+        worker.processor.analyse = recording  # type: ignore[method-assign]
         with trio.fail_after(60):
-            await Worker(processor).run(drain=True)
+            await worker.run(drain=True)
     assert sorted(t for call in analyzer.calls for t in call) == sorted(
         f"post number {i} is good" for i in range(80) if i not in (3, 4, 70)
     )
@@ -227,20 +225,18 @@ async def test_retention_keeps_what_any_group_owes_and_fails_closed(
     rds.xreadgroup(tuned.group, "dead", {tuned.stream: ">"}, count=10)  # ours: 0..9 read by a dead one
     rds.xack(tuned.stream, tuned.group, *ids[:5], *ids[6:10])  # ... which left entry 5 pending
     await trio.sleep(1.2)  # everything is older than the retention now
-    async with open_processor(tuned, FakeAnalyzer()) as processor:
-        worker = Worker(processor)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(worker.run)
-            with trio.fail_after(30):
-                while rows_so_far(tuned.database_url) < 20:  # noqa: ASYNC110 - polling PostgreSQL
-                    await trio.sleep(0.05)
-                await trio.sleep(2.5)  # a few retention rounds
-            worker.stop()
+    async with open_worker(tuned, FakeAnalyzer()) as worker, trio.open_nursery() as nursery:
+        nursery.start_soon(worker.run)
+        with trio.fail_after(30):
+            while rows_so_far(tuned.database_url) < 20:  # noqa: ASYNC110 - polling PostgreSQL
+                await trio.sleep(0.05)
+            await trio.sleep(2.5)  # a few retention rounds
+        worker.stop()
     kept = [i.decode() for i, _ in rds.xrange(tuned.stream)]
     assert kept == ids[5:], "only entries every group has read and acked, below the oldest pending, go"
 
     # The race: XINFO says a group has pending entries, XPENDING then finds none.
-    async with trio_asyncio.open_loop(), RedisStream.open(tuned) as stream:
+    async with open_stream(tuned) as stream:
         groups = await stream._groups()
         rds.xack(tuned.stream, tuned.group, ids[5])
         stream._groups = lambda: _coro(groups)  # type: ignore[method-assign]

@@ -19,10 +19,8 @@ import trio_asyncio
 from sentiment.config import Settings
 from sentiment.deadletter import decode
 from sentiment.errors import StreamUnavailable
-from sentiment.pipeline import Worker
-from sentiment.reclaim import reclaim
-from sentiment.service import open_processor
 from sentiment.tools.throwaway import ThrowawayPostgres, ThrowawayRedis, make_workdir
+from sentiment.wiring import build_worker, open_parts, open_worker, run_reclaim
 
 from ..support.fakes import FakeAnalyzer
 from ..support.servers import ROOT, rows, rows_so_far, worker_env
@@ -98,8 +96,8 @@ async def test_connection_cut_at_commit_is_retried_without_double_rows(
     settings: Settings, rds: redis.Redis
 ) -> None:
     publish(rds, settings.stream, range(30))
-    async with open_processor(settings, FakeAnalyzer()) as processor:
-        await processor.store.migrate()
+    async with open_parts(settings, FakeAnalyzer()) as parts:
+        await parts.store.migrate()
     # A deferred trigger kills the writing backend at COMMIT, once: the rows were sent, the commit fails.
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
         conn.execute("""
@@ -112,8 +110,7 @@ async def test_connection_cut_at_commit_is_retried_without_double_rows(
             CREATE CONSTRAINT TRIGGER cut AFTER INSERT ON sentiment_analysis
                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION cut_at_commit();
         """)
-    async with open_processor(settings, FakeAnalyzer()) as processor:
-        worker = Worker(processor)
+    async with open_worker(settings, FakeAnalyzer()) as worker:
         with trio.fail_after(60):
             await worker.run(drain=True)
     assert rows(settings.database_url, "SELECT last_value FROM cut_once") > 1  # it fired, and the retry wrote
@@ -127,21 +124,20 @@ async def test_failed_ack_after_commit_is_redelivered_and_absorbed(
 ) -> None:
     publish(rds, settings.stream, range(20))
     fast_stop = attrs.evolve(settings, shutdown_grace_s=0.5)
-    async with open_processor(fast_stop, FakeAnalyzer()) as processor:
+    async with open_parts(fast_stop, FakeAnalyzer()) as parts:
 
         async def blip(ids: object) -> None:
             raise StreamUnavailable("injected: XACK lost")
 
-        processor.stream.ack = blip  # type: ignore[method-assign]
-        worker = Worker(processor)
+        parts.stream.ack = blip  # type: ignore[method-assign]
+        worker = build_worker(fast_stop, parts)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(worker.run)
             await wait_rows(settings.database_url, 20)
             worker.stop()  # the ack keeps failing: the grace period ends it, entries stay pending
     assert rows(settings.database_url) == 20
     assert int(rds.xpending(settings.stream, settings.group)["pending"]) == 20
-    async with open_processor(settings, FakeAnalyzer()) as processor:
-        again = Worker(processor)
+    async with open_worker(settings, FakeAnalyzer()) as again:
         await again.run(drain=True)
     assert again.totals.duplicates == 20  # redelivered; ON CONFLICT absorbed every one
     assert rows(settings.database_url) == 20
@@ -175,12 +171,12 @@ async def test_slow_batches_keep_their_lease_from_a_second_worker(
     with trio.fail_after(60):
         async with (
             trio_asyncio.open_loop(),  # one loop for both workers in this process
-            open_processor(attrs.evolve(tuned, consumer="w1"), a) as p1,
-            open_processor(attrs.evolve(tuned, consumer="w2"), b) as p2,
+            open_worker(attrs.evolve(tuned, consumer="w1"), a) as w1,
+            open_worker(attrs.evolve(tuned, consumer="w2"), b) as w2,
             trio.open_nursery() as nursery,
         ):
-            nursery.start_soon(lambda: Worker(p1).run(drain=True))
-            nursery.start_soon(lambda: Worker(p2).run(drain=True))
+            nursery.start_soon(lambda: w1.run(drain=True))
+            nursery.start_soon(lambda: w2.run(drain=True))
     analysed = [t for calls in (a.calls, b.calls) for batch in calls for t in batch]
     assert sorted(analysed) == sorted(f"fine text {i}" for i in range(40))  # each exactly once
     assert rows(settings.database_url) == 40
@@ -190,8 +186,7 @@ async def test_one_failing_text_is_isolated_then_dead_lettered(settings: Setting
     publish(rds, settings.stream, range(9))
     rds.xadd(settings.stream, {"post_id": "poison", "content": "POISON"})
     tuned = attrs.evolve(settings, max_deliveries=2, claim_min_idle_ms=50, reclaim_interval_ms=20)
-    async with open_processor(tuned, FakeAnalyzer()) as processor:
-        worker = Worker(processor)
+    async with open_worker(tuned, FakeAnalyzer()) as worker:
         with trio.fail_after(60):
             await worker.run(drain=True)
     assert rows(settings.database_url) == 9
@@ -208,16 +203,17 @@ async def test_retention_never_trims_pending_work(settings: Settings, rds: redis
     rds.xreadgroup(settings.group, "dead-consumer", {settings.stream: ">"}, count=3)  # p0-p2: pending
     publish(rds, settings.stream, range(10, 20))
     # Another consumer processes and acks the rest (the dead consumer's entries are too fresh to reclaim).
-    async with open_processor(attrs.evolve(settings, claim_min_idle_ms=10**8), FakeAnalyzer()) as processor:
-        worker = Worker(processor)
+    patient = attrs.evolve(settings, claim_min_idle_ms=10**8)
+    async with open_parts(patient, FakeAnalyzer()) as parts:
+        worker = build_worker(patient, parts)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(worker.run)
             await wait_rows(settings.database_url, 17)
             worker.stop()
-        assert await processor.stream.trim_acked(0) == 0  # the oldest entries are pending: none may go
+        assert await parts.stream.trim_acked(0) == 0  # the oldest entries are pending: none may go
     assert rds.xlen(settings.stream) == 20
     await trio.sleep(0.01)
-    async with open_processor(settings, FakeAnalyzer()) as processor:
-        assert (await reclaim(processor, min_idle_ms=1)).processed == 3
-        assert await processor.stream.trim_acked(0) == 20  # all acked now: all may go
+    async with open_parts(settings, FakeAnalyzer()) as parts:
+        assert (await run_reclaim(settings, 1, analyzer=FakeAnalyzer())).processed == 3
+        assert await parts.stream.trim_acked(0) == 20  # all acked now: all may go
     assert rows(settings.database_url) == 20

@@ -10,8 +10,7 @@ import trio
 
 from sentiment.config import Settings
 from sentiment.monitor import serve_monitor
-from sentiment.pipeline import Worker
-from sentiment.service import open_processor
+from sentiment.wiring import build_worker, open_parts
 
 from ..support.fakes import FakeAnalyzer
 from ..support.servers import rows, run_cli, worker_env
@@ -48,11 +47,11 @@ def counter(text: str, name: str, outcome: str) -> float:
 
 async def test_metrics_move_and_readiness_follows_the_model(settings: Settings, rds: redis.Redis) -> None:
     analyzer = LazyAnalyzer()
-    async with open_processor(settings, analyzer) as processor:
-        worker = Worker(processor)
+    async with open_parts(settings, analyzer) as parts:
+        worker = build_worker(settings, parts)
         with trio.fail_after(30):
             async with trio.open_nursery() as nursery:
-                port = await nursery.start(serve_monitor, worker, 0)
+                port = await nursery.start(serve_monitor, worker, parts, 0)
                 for i in range(7):
                     rds.xadd(settings.stream, {"post_id": f"m{i}", "content": "nice"})
                 rds.xadd(settings.stream, {"content": "no id"})

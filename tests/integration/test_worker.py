@@ -17,11 +17,10 @@ import trio
 from sentiment.config import Settings
 from sentiment.deadletter import decode
 from sentiment.errors import StoreUnavailable
-from sentiment.pipeline import Worker
-from sentiment.reclaim import reclaim
-from sentiment.service import open_processor
 from sentiment.store import PostgresStore, Record, WriteResult
 from sentiment.stream import id_key
+from sentiment.wiring import build_worker, open_parts, open_worker, run_reclaim
+from sentiment.worker import Worker
 
 from ..support.fakes import FakeAnalyzer
 from ..support.servers import ROOT, publish, rows, rows_so_far, run_cli, worker_env
@@ -32,8 +31,7 @@ def pending(r: redis.Redis, s: Settings) -> int:
 
 
 async def drain(settings: Settings, analyzer: FakeAnalyzer | None = None) -> Worker:
-    async with open_processor(settings, analyzer) as processor:
-        worker = Worker(processor)
+    async with open_worker(settings, analyzer) as worker:
         with trio.fail_after(60):
             await worker.run(drain=True)
         return worker
@@ -77,11 +75,10 @@ async def test_failed_commit_leaves_entry_pending_until_retry_succeeds(
     settings: Settings, rds: redis.Redis
 ) -> None:
     publish(rds, settings.stream, 5)
-    async with open_processor(settings, FakeAnalyzer()) as processor:
+    async with open_parts(settings, FakeAnalyzer()) as parts:
         store = FailingStore(settings.database_url, fail=3)
         await store.migrate()
-        processor.store = store
-        worker = Worker(processor)
+        worker = build_worker(settings, attrs.evolve(parts, store=store))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(lambda: worker.run(drain=True))
             while store.fail:
@@ -99,14 +96,12 @@ async def test_dead_consumer_entries_reclaimed_exactly_once(settings: Settings, 
     rds.xreadgroup(settings.group, "dead-consumer", {settings.stream: ">"}, count=100)  # read, never acked
     await trio.sleep(0.01)  # let the entries age past min_idle_ms on Redis's clock
     analyzer = FakeAnalyzer()
-    async with open_processor(settings, analyzer) as processor:
-        report = await reclaim(processor, min_idle_ms=1)
+    report = await run_reclaim(settings, 1, analyzer=analyzer)
     assert report.as_dict() == {"claimed": 30, "processed": 30, "dead_lettered": 0, "deleted": 0}
     assert sum(len(c) for c in analyzer.calls) == 30
     assert rows(settings.database_url) == 30 and pending(rds, settings) == 0
     # A second pass finds nothing: exactly once.
-    async with open_processor(settings, analyzer) as processor:
-        assert (await reclaim(processor, min_idle_ms=1)).claimed == 0
+    assert (await run_reclaim(settings, 1, analyzer=analyzer)).claimed == 0
 
 
 async def test_redelivered_entry_adds_no_row(settings: Settings, rds: redis.Redis) -> None:
@@ -130,8 +125,7 @@ async def test_invalid_goes_to_dead_letter_and_over_max_deliveries_is_still_writ
     # Pretend `tired` was delivered 9 times already (MAX_DELIVERIES is 5).
     rds.xclaim(settings.stream, settings.group, "dead-consumer", 0, [tired], retrycount=9)
     await trio.sleep(0.01)  # let the entries age past min_idle_ms on Redis's clock
-    async with open_processor(attrs.evolve(settings, claim_min_idle_ms=1)) as processor:
-        report = await reclaim(processor, min_idle_ms=1)
+    report = await run_reclaim(attrs.evolve(settings, claim_min_idle_ms=1), 1)
     # Deliveries are not attempts: `tired` never failed on its own account, so it is written.
     assert report.dead_lettered == 1 and report.processed == 1
     [(dead_id, fields)] = rds.xrange(settings.dead_letter)
@@ -151,8 +145,7 @@ async def test_pending_entry_deleted_from_stream_counts_as_deleted(
     rds.xreadgroup(settings.group, "dead-consumer", {settings.stream: ">"}, count=100)
     rds.xdel(settings.stream, ids[1])
     await trio.sleep(0.01)  # let the entries age past min_idle_ms on Redis's clock
-    async with open_processor(settings) as processor:
-        report = await reclaim(processor, min_idle_ms=1)
+    report = await run_reclaim(settings, 1)
     assert report.as_dict() == {"claimed": 2, "processed": 2, "dead_lettered": 0, "deleted": 1}
     assert pending(rds, settings) == 0
 

@@ -23,21 +23,11 @@ PG_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:54
 
 
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """Environment for a `python -m sentiment` subprocess with these settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "DATABASE_", "MODEL_"))}
-    env.update(
-        DATABASE_URL=settings.database_url,
-        REDIS_URL=settings.redis_url,
-        REDIS_STREAM_NAME=settings.stream,
-        REDIS_CONSUMER_GROUP=settings.group,
-        BATCH_SIZE=str(settings.batch_size),
-        BLOCK_MS=str(settings.block_ms),
-        CLAIM_MIN_IDLE_MS=str(settings.claim_min_idle_ms),
-        RECLAIM_INTERVAL_MS=str(settings.reclaim_interval_ms),
-        MODEL_TYPE=settings.model_type,
-        METRICS_PORT="0",
-        PYTHONPATH=str(ROOT),
-    )
+    """Environment for a `python -m sentiment` subprocess with these settings. Without a CONSUMER_NAME
+    in `extra`, each process names itself (hostname-pid), as workers do."""
+    env = {k: v for k, v in os.environ.items() if k not in Settings.env_names()}
+    env.update(settings.to_env(), METRICS_PORT="0", PYTHONPATH=str(ROOT))
+    del env["CONSUMER_NAME"]
     env.update(extra)
     return env
 

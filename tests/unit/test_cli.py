@@ -28,7 +28,20 @@ def cli(*args: str, stdin: str = "", **env: str) -> subprocess.CompletedProcess[
     )
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["migrate"], ["analyze"], ["stats"], ["produce"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["run"],
+        ["migrate"],
+        ["analyze"],
+        ["stats"],
+        ["produce"],
+        ["reclaim"],
+        ["reanalyze"],
+        ["deadletter"],
+    ],
+)
 def test_every_command_has_help(command: list[str]) -> None:
     result = cli(*command, "--help")
     assert result.returncode == 0 and "usage:" in result.stdout

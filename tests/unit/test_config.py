@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import attrs
 import pytest
 
-from sentiment.config import Settings, driver_text, mask_url
+from sentiment.config import Settings
 from sentiment.errors import ConfigError
+from sentiment.redact import driver_text, mask_url
 
 
 def test_defaults_follow_the_seed(tmp_path: Path) -> None:
@@ -111,3 +113,45 @@ def test_driver_messages_lose_passwords_and_line_breaks() -> None:
     dsn = "postgresql://app:p%41ss-word@db/x?sslpassword=s3cret"
     message = ValueError('invalid percent-encoded token: "p%41ss-word"\n\tor "pAss-word", and s3cret')
     assert driver_text(message, dsn) == 'invalid percent-encoded token: "***" | or "***", and ***'
+
+
+def test_to_env_is_read_back_as_the_same_settings() -> None:
+    # Every setting away from its default, so a field that to_env forgot or misnamed shows up.
+    env = {
+        "DATABASE_URL": "postgresql://u:pw@db:5433/x",
+        "REDIS_URL": "redis://:pw@cache:6380/2",
+        "REDIS_STREAM_NAME": "s",
+        "REDIS_CONSUMER_GROUP": "g",
+        "CONSUMER_NAME": "c",
+        "BATCH_SIZE": "7",
+        "BLOCK_MS": "11",
+        "CLAIM_MIN_IDLE_MS": "13",
+        "RECLAIM_INTERVAL_MS": "17",
+        "MAX_DELIVERIES": "3",
+        "DEAD_LETTER_STREAM": "d",
+        "SHUTDOWN_GRACE_S": "2.5",
+        "STUCK_BATCH_S": "9.5",
+        "MAX_CONTENT_BYTES": "99",
+        "MAX_ENTRY_BYTES": "2048",
+        "MAX_ENTRY_FIELDS": "5",
+        "MAX_FIELD_NAME_BYTES": "16",
+        "DEAD_LETTER_MAX_BYTES": "4096",
+        "MODEL_TYPE": "transformers",
+        "MODEL_QUANTIZE": "0",
+        "INFERENCE_THREADS": "1",
+        "SENTIMENT_MODEL": "a/b",
+        "EMOTION_MODEL": "c/d",
+        "EMOTION_LABEL_MAP": "love=joy",
+        "LLM_PROVIDER": "groq",
+        "LLM_API_KEY": "k",
+        "LLM_MODEL": "m",
+        "LLM_BASE_URL": "http://llm",
+        "METRICS_PORT": "0",
+        "LOG_LEVEL": "DEBUG",
+        "LOG_FORMAT": "json",
+        "STREAM_RETENTION": "60",
+    }
+    settings = Settings.from_env(env, dotenv=None)
+    assert all(getattr(settings, f.name) != getattr(Settings(), f.name) for f in attrs.fields(Settings))
+    assert Settings.from_env(settings.to_env(), dotenv=None) == settings
+    assert set(settings.to_env()) == Settings.env_names() - {"REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD"}

@@ -10,7 +10,7 @@ import trio
 
 from sentiment.analysis.base import Analysis
 from sentiment.analysis.fallback import FallbackAnalyzer
-from sentiment.analysis.llm import CircuitBreaker, LLMAnalyzer, RetryableReply, _wait
+from sentiment.analysis.llm import CircuitBreaker, LLMAnalyzer, RetryableReply, retry_wait
 from sentiment.errors import ConfigError, ModelError
 
 from ..support.fakes import FakeAnalyzer
@@ -55,9 +55,9 @@ def test_retry_after_is_honoured_over_backoff() -> None:
     state = tenacity.RetryCallState(None, None, (), {})  # type: ignore[arg-type]
     state.attempt_number = 1
     state.set_exception((RetryableReply, RetryableReply("429", retry_after=7.0), None))
-    assert _wait(state) == 7.0
+    assert retry_wait(state) == 7.0
     state.set_exception((RetryableReply, RetryableReply("500"), None))
-    assert _wait(state) <= 1.5  # exponential backoff with jitter starts small
+    assert retry_wait(state) <= 1.5  # exponential backoff with jitter starts small
 
 
 async def test_malformed_json_is_retried_then_fails_cleanly() -> None:
@@ -137,8 +137,8 @@ async def test_fallback_to_llm_when_local_model_fails(fail_load: bool) -> None:
 
 
 async def test_llm_fallback_used_by_worker_settings() -> None:
-    from sentiment.analysis import build_analyzer
     from sentiment.config import Settings
+    from sentiment.wiring import build_analyzer
 
     analyzer = build_analyzer(Settings(model_type="embedded", llm_provider="groq", llm_api_key=KEY))
     assert isinstance(analyzer, FallbackAnalyzer)

@@ -8,8 +8,10 @@ import trio.testing
 
 from sentiment.config import Settings
 from sentiment.errors import ModelError
-from sentiment.pipeline import Worker
-from sentiment.processing import SOLO_CRASHES, Processor
+from sentiment.parts import Parts
+from sentiment.processor import SOLO_CRASHES
+from sentiment.wiring import build_worker
+from sentiment.worker import Worker
 
 from ..support.fakes import FakeAnalyzer, FakeGroup, FakeStore
 
@@ -35,9 +37,8 @@ def make_worker(
     )
     base.update(overrides)
     settings = Settings(**base)  # type: ignore[arg-type]
-    return Worker(
-        Processor(settings, group.stream(consumer), store or FakeStore(), analyzer or FakeAnalyzer())
-    )
+    parts = Parts(group.stream(consumer), store or FakeStore(), analyzer or FakeAnalyzer())
+    return build_worker(settings, parts)
 
 
 def publish(group: FakeGroup, n: int, prefix: str = "p", text: str = "good day") -> list[str]:
@@ -292,7 +293,7 @@ async def test_summary_line_every_30s_has_rate_lag_and_errors(
 ) -> None:
     group, store = FakeGroup(), FakeStore()
     publish(group, 20)
-    caplog.set_level("INFO", logger="sentiment.pipeline")
+    caplog.set_level("INFO", logger="sentiment.worker")
     worker = make_worker(group, store)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(worker.run)

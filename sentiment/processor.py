@@ -1,6 +1,6 @@
 """What happens to one batch of entries: validate → analyse → write → dead-letter → ack.
 
-Shared by the worker's stages (pipeline.py) and by scripts/reclaim.py, so both take the same path.
+Shared by the worker's stages (worker.py) and by the reclaim command, so both take the same path.
 A poison entry never blocks its batch: a batch that fails as a whole is retried text by text (analysis) or
 row by row (write), and only the culprit is held back.
 
@@ -20,13 +20,13 @@ from collections.abc import Sequence
 import attrs
 import trio
 
-from .analysis.base import Analysis, Analyzer, analyse_each
-from .config import Settings
+from .analysis.base import Analysis, analyse_each
 from .errors import ConfigError, InvalidPost, ModelError, ModelUnavailable, StoreError
+from .parts import Parts
 from .post import Limits, Post
-from .retry import Service, retrying
-from .store import Record, Store
-from .stream import DeadLetter, Entry, Stream, id_key
+from .retry import retrying
+from .store import Record
+from .stream import DeadLetter, Entry, id_key
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +57,11 @@ class Outcome:
 
 
 class Processor:
-    def __init__(self, settings: Settings, stream: Stream, store: Store, analyzer: Analyzer) -> None:
-        self.settings = settings
-        self.stream = stream
-        self.store = store
-        self.analyzer = analyzer
-        self.limits = Limits(
-            content_bytes=settings.max_content_bytes,
-            entry_bytes=settings.max_entry_bytes,
-            fields=settings.max_entry_fields,
-            field_name_bytes=settings.max_field_name_bytes,
-        )
-        self.redis = Service("Redis")
-        self.postgres = Service("PostgreSQL")
-        self.model = Service("the model")
+    def __init__(self, parts: Parts, *, limits: Limits, max_deliveries: int) -> None:
+        self.stream, self.store, self.analyzer = parts.stream, parts.store, parts.analyzer
+        self.redis, self.postgres, self.model = parts.redis, parts.postgres, parts.model
+        self.limits = limits
+        self.max_deliveries = max_deliveries
 
     async def prepare(self) -> None:
         """Everything that must hold before the first entry is read, so that no entry is read (and its
@@ -91,7 +82,7 @@ class Processor:
     # -- analysis ----------------------------------------------------------------------------------------
 
     async def analyse(self, entries: Sequence[Entry]) -> Analysed:
-        max_attempts = self.settings.max_deliveries
+        max_attempts = self.max_deliveries
         # Only a model in this process can be killed by a text: for a remote one, redelivered entries
         # are analysed with the others.
         alone = [e for e in entries if e.deliveries > max_attempts and self.analyzer.in_process]

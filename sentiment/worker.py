@@ -15,13 +15,16 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import aclosing
 
 import attrs
 import trio
 
 from .errors import TransientError
-from .processing import Analysed, Outcome, Processor
+from .parts import Parts
+from .processor import Analysed, Outcome, Processor
+from .reclaim import claimed_pages, page_size
 from .retry import retrying
 from .stream import Entry, id_key
 
@@ -35,6 +38,22 @@ class Batch:
 
 
 CommitHook = Callable[[Outcome, Analysed, Batch], None]
+
+
+@attrs.frozen(kw_only=True)
+class Options:
+    """The settings the worker's own loops use (see config.py for each one's meaning)."""
+
+    consumer: str
+    group: str
+    batch_size: int
+    block_ms: int
+    claim_min_idle_ms: int
+    reclaim_interval_ms: int
+    max_deliveries: int
+    shutdown_grace_s: float
+    stuck_batch_s: float
+    stream_retention_s: int
 
 
 @attrs.define
@@ -61,10 +80,11 @@ class Totals:
 class Worker:
     """Run with `await worker.run(drain=...)`; `stop()` (signal handler) starts a graceful shutdown."""
 
-    def __init__(self, processor: Processor) -> None:
+    def __init__(self, parts: Parts, processor: Processor, options: Options) -> None:
+        self.parts = parts
         self.processor = processor
-        self.settings = processor.settings
-        self.stream = processor.stream
+        self.options = options
+        self.stream = parts.stream
         self.totals = Totals()
         self.inflight: dict[str, None] = {}  # entry IDs read and not yet acked, dead-lettered or released
         self.last_progress = time.monotonic()  # last commit; wall clock, read by the /healthz thread
@@ -117,10 +137,10 @@ class Worker:
         """Stop reading now; let batches in flight finish within SHUTDOWN_GRACE_S, then cancel the rest."""
         if self.stopping:
             return
-        log.info("stopping: finishing batches in flight (grace %.0f s)", self.settings.shutdown_grace_s)
+        log.info("stopping: finishing batches in flight (grace %.0f s)", self.options.shutdown_grace_s)
         self._starting.cancel()
         self._stop_intake()
-        self._deadline = trio.current_time() + self.settings.shutdown_grace_s
+        self._deadline = trio.current_time() + self.options.shutdown_grace_s
         # Shielded commits ignore the outer deadline: give each its own, so the grace period binds them too.
         # A commit cut here leaves its entries pending (at worst written, not acked: redelivery is a no-op).
         for scope in (self._hard_stop, *self._commits):
@@ -139,7 +159,7 @@ class Worker:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        p, s = self.processor, self.settings
+        p, s = self.parts, self.options
         with send, self._intake[0]:
             task_status.started()
             # Our own pending entries first (a restart under the same CONSUMER_NAME), paging by ID.
@@ -166,7 +186,7 @@ class Worker:
 
     async def _reclaim(self, send: trio.MemorySendChannel[Batch]) -> None:
         """Every RECLAIM_INTERVAL_MS, take over entries idle over CLAIM_MIN_IDLE_MS (dead consumers')."""
-        p, s = self.processor, self.settings
+        p, s = self.parts, self.options
         with send, self._intake[1]:
             await self._own_pending_read.wait()
             while True:
@@ -175,27 +195,25 @@ class Worker:
                     # stuck entries (XAUTOCLAIM would), which would keep them from other workers.
                     await trio.sleep(s.reclaim_interval_ms / 1000)
                     continue
-                cursor = "0-0"
-                while True:
-                    count = await self._page_size(
-                        "-" if cursor == "0-0" else cursor, None, s.claim_min_idle_ms
-                    )
-                    # XAUTOCLAIM may return our own in-flight entries (a slow read, a released lease);
-                    # one the writer finished while the claim was under way must not go round again.
-                    busy = set(self.inflight)
-                    claimed = await retrying(
-                        p.redis, self.stream.autoclaim, cursor, s.claim_min_idle_ms, count
-                    )
-                    await self._ack_deleted(list(claimed.deleted))
-                    busy.update(self.inflight)
-                    fresh = [e for e in claimed.entries if e.id not in busy]
-                    if fresh:
-                        self.totals.reclaimed += len(fresh)
-                        log.info("reclaimed %d idle entries", len(fresh))
-                        await self._send(send, fresh)
-                    cursor = claimed.cursor
-                    if cursor in ("0-0", "0"):
-                        break
+                # XAUTOCLAIM may return our own in-flight entries (a slow read, a released lease); one
+                # the writer finished while the claim was under way must not go round again.
+                busy = set(self.inflight)
+                pages = claimed_pages(
+                    p.stream,
+                    p.redis,
+                    s.claim_min_idle_ms,
+                    lambda start: self._page_size(start, None, s.claim_min_idle_ms),
+                )
+                async with aclosing(pages):
+                    async for claimed in pages:
+                        self._note_deleted(claimed.deleted)
+                        busy.update(self.inflight)
+                        fresh = [e for e in claimed.entries if e.id not in busy]
+                        if fresh:
+                            self.totals.reclaimed += len(fresh)
+                            log.info("reclaimed %d idle entries", len(fresh))
+                            await self._send(send, fresh)
+                        busy = set(self.inflight)
                 await trio.sleep(s.reclaim_interval_ms / 1000)
 
     async def _analyse(
@@ -240,13 +258,13 @@ class Worker:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._renew_leases)
                 nursery.start_soon(self._summaries)
-                if self.settings.stream_retention_s:
+                if self.options.stream_retention_s:
                     nursery.start_soon(self._retain)
 
     async def _renew_leases(self) -> None:
         """Reset the idle time of entries in flight (XCLAIM … JUSTID to ourselves) well before
         CLAIM_MIN_IDLE_MS, so a slow batch is not reclaimed by another worker while we work on it."""
-        period = max(self.settings.claim_min_idle_ms / 3000, 0.001)
+        period = max(self.options.claim_min_idle_ms / 3000, 0.001)
         while True:
             await trio.sleep(period)
             stuck = self.stuck()
@@ -261,8 +279,8 @@ class Worker:
                     entries[0].id,
                     entries[-1].id,
                     stuck[1],
-                    "up" if self.processor.postgres.up else f"down: {self.processor.postgres.reason}",
-                    "up" if self.processor.redis.up else f"down: {self.processor.redis.reason}",
+                    "up" if self.parts.postgres.up else f"down: {self.parts.postgres.reason}",
+                    "up" if self.parts.redis.up else f"down: {self.parts.redis.reason}",
                     len(self.inflight) - len(entries),
                 )
             # Stuck: everything queued behind the writer waits as long, so no lease is renewed.
@@ -270,7 +288,7 @@ class Worker:
                 self._released.update(self.inflight)
             ids = [] if stuck else [i for i in self.inflight if i not in self._released]
             if ids:
-                await retrying(self.processor.redis, self.stream.renew, ids)
+                await retrying(self.parts.redis, self.stream.renew, ids)
 
     def stuck(self) -> tuple[Batch, float] | None:
         """The batch in the writer and for how long, if longer than STUCK_BATCH_S. (Read by the
@@ -279,12 +297,12 @@ class Worker:
         if committing is None:
             return None
         waited = time.monotonic() - committing[1]
-        return (committing[0], waited) if waited > self.settings.stuck_batch_s else None
+        return (committing[0], waited) if waited > self.options.stuck_batch_s else None
 
     async def _retain(self) -> None:
         """STREAM_RETENTION: acked entries pile up (XACK does not delete); trim those older than the
         retention and older than anything a group still has pending or unread."""
-        age_ms = self.settings.stream_retention_s * 1000
+        age_ms = self.options.stream_retention_s * 1000
         failing = False
         while True:
             try:
@@ -299,7 +317,7 @@ class Worker:
                 failing = False
                 if trimmed:
                     log.info("retention trimmed %d acked entries", trimmed)
-            await trio.sleep(min(60.0, max(1.0, self.settings.stream_retention_s / 4)))
+            await trio.sleep(min(60.0, max(1.0, self.options.stream_retention_s / 4)))
 
     async def _summaries(self, every: float = 30.0) -> None:
         """Every 30 s one line: rate, group lag, outcomes and errors (not a line per post)."""
@@ -328,14 +346,10 @@ class Worker:
     # -- helpers -----------------------------------------------------------------------------------------
 
     async def _page_size(self, start: str, consumer: str | None, idle_ms: int | None) -> int:
-        """How many pending entries to take at once: BATCH_SIZE, or 1 when the next page holds an entry
-        delivered more than MAX_DELIVERIES times. Reading a batch of huge entries may be what killed the
-        workers before (memory); one at a time, each is read, bounded and dead-lettered on its own."""
-        s = self.settings
-        ahead = await retrying(
-            self.processor.redis, self.stream.pending, s.batch_size, consumer, idle_ms, start
+        s = self.options
+        return await page_size(
+            self.parts, start, consumer, idle_ms, batch_size=s.batch_size, max_deliveries=s.max_deliveries
         )
-        return 1 if any(p.deliveries > s.max_deliveries for p in ahead) else s.batch_size
 
     async def _send(self, send: trio.MemorySendChannel[Batch], entries: list[Entry]) -> None:
         for e in entries:
@@ -344,8 +358,12 @@ class Worker:
         await send.send(Batch(tuple(entries)))
 
     async def _ack_deleted(self, ids: list[str]) -> None:
-        """Pending IDs whose stream entry was deleted (XDEL, trimming) cannot be processed: ack them."""
         if ids:
-            await retrying(self.processor.redis, self.stream.ack, ids)
+            await retrying(self.parts.redis, self.stream.ack, ids)
+            self._note_deleted(ids)
+
+    def _note_deleted(self, ids: Sequence[str]) -> None:
+        """Pending IDs whose stream entry was deleted (XDEL, trimming) cannot be processed: acked."""
+        if ids:
             self.totals.deleted += len(ids)
             log.warning("acked %d pending entries that were deleted from the stream", len(ids))
