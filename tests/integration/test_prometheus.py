@@ -131,7 +131,9 @@ def test_prometheus_scrapes_every_metric_the_rules_and_dashboard_use(
         wait_for(lambda promql=promql: prometheus.query(promql), f"an answer to {promql}", timeout=30)
 
     # Every rule evaluated without error; the backlog record has data (from Redis's lag until the
-    # worker exports its own count).
+    # worker exports its own count). The worker samples the lag every 5 s and reports -1 (unknown,
+    # which the record leaves out) until then: wait.
     wait_for(lambda: all(r["health"] == "ok" for r in prometheus.rules()), "the rules to evaluate")
     assert not [r["lastError"] for r in prometheus.rules() if r.get("lastError")]
-    assert prometheus.query("namespace_job:sentiment_backlog_entries:max")
+    record = "namespace_job:sentiment_backlog_entries:max"
+    wait_for(lambda: prometheus.query(record), f"{record} to have data", timeout=30)
