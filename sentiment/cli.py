@@ -123,6 +123,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "sentiment") -> int:
 def _command(args: argparse.Namespace) -> int:
     command = args.command or "run"
     settings = Settings.from_env()
+    from .allocator import give_back_freed_memory
+
+    give_back_freed_memory()  # before the model loads: its transient copies are given back
     from .logs import setup_logging
 
     setup_logging(settings.log_level, settings.log_format)

@@ -1,9 +1,8 @@
 """The store: posts and analyses in PostgreSQL, written a batch per transaction, idempotently.
 
-psycopg has no trio support, and both ways open were measured (`bench_store_routes`, figures in
-docs/benchmarks.md): a sync connection driven from a worker thread, and psycopg's AsyncConnection through
-trio-asyncio, writing the same batches. They run at the same speed within noise — COPY and the INSERTs
-spend their time in libpq and the server either way. We keep the thread: a batch is one hop whose
+psycopg has no trio support, and both ways open were measured (docs/benchmarks.md, "Design
+measurements"): a sync connection driven from a worker thread, and psycopg's AsyncConnection through
+trio-asyncio, writing the same batches, ran at the same speed within noise. We keep the thread: a batch is one hop whose
 cancellation waits for the thread, so a commit is never cut mid-COPY, and it does not depend on import
 order (psycopg's async code binds asyncio.get_running_loop at import, before trio-asyncio patches it
 unless trio_asyncio is imported first, and then fails with "no running event loop").
@@ -121,7 +120,7 @@ class Store(Protocol):
     async def ping(self) -> bool: ...
 
 
-_COLUMNS = (
+COLUMNS = (
     "post_id",
     "source",
     "content",
@@ -198,16 +197,21 @@ def prepare_connection(conn: psycopg.Connection[Any]) -> None:
 
 
 def write_rows(
-    conn: psycopg.Connection[Any], rows: Sequence[tuple[Any, ...]], *, replace: bool = False
+    conn: psycopg.Connection[Any],
+    rows: Sequence[tuple[Any, ...]],
+    *,
+    replace: bool = False,
+    find_conflicts: bool = True,
 ) -> WriteResult:
     """Write `Record.row`s in one transaction: COPY into the staging table, then the posts and their
     analyses with INSERT … ON CONFLICT DO NOTHING, so a redelivered batch writes nothing twice. A post_id
     already stored with other content is reported in `conflicts` and not written. `replace`: the new
     analyses become the current ones and the replaced ones move to the history table (reanalyze).
-    Used by PostgresStore and by the raw-loop benchmark, which measures the same SQL without the worker."""
+    `find_conflicts=False` skips that check: only the raw-loop benchmark does, whose floor has always been
+    COPY and the two INSERTs alone. Used by PostgresStore and that benchmark."""
     with conn.transaction(), conn.cursor() as cur:
         try:
-            with cur.copy(f"COPY incoming ({', '.join(_COLUMNS)}) FROM STDIN") as copy:
+            with cur.copy(f"COPY incoming ({', '.join(COLUMNS)}) FROM STDIN") as copy:
                 for row in rows:
                     copy.write_row(row)
         except psycopg.Error:
@@ -221,7 +225,7 @@ def write_rows(
         if replace:
             cur.execute(_MOVE_TO_HISTORY)
             cur.execute(_DELETE_REPLACED)
-        conflicts = tuple(r[0] for r in cur.execute(_CONFLICTS).fetchall())
+        conflicts = tuple(r[0] for r in cur.execute(_CONFLICTS).fetchall()) if find_conflicts else ()
         cur.execute(_INSERT_ANALYSES)
         return WriteResult(posts, cur.rowcount, conflicts)
 

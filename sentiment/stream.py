@@ -65,7 +65,7 @@ class Stream(Protocol):
     async def forget(self, ids: Sequence[str]) -> None: ...
     async def renew(self, ids: Sequence[str]) -> None: ...
     async def pending(
-        self, count: int, consumer: str | None = None, idle_ms: int | None = None, start: str = "-"
+        self, count: int, *, own: bool = False, idle_ms: int | None = None, start: str = "-"
     ) -> list[PendingEntry]: ...
     async def pending_count(self) -> int: ...
     async def group_info(self) -> dict[str, int]: ...
@@ -320,10 +320,10 @@ class RedisStream:
             )
 
     async def pending(
-        self, count: int, consumer: str | None = None, idle_ms: int | None = None, start: str = "-"
+        self, count: int, *, own: bool = False, idle_ms: int | None = None, start: str = "-"
     ) -> list[PendingEntry]:
         """XPENDING's extended form from `start` (an ID, `(ID` for after it, or `-`): IDs, owners, idle
-        times and delivery counts, without the entries' bodies."""
+        times and delivery counts, without the entries' bodies. `own`: only our consumer's."""
         rows = await self._call(
             self._redis.xpending_range,
             self.name,
@@ -331,7 +331,7 @@ class RedisStream:
             min=start,
             max="+",
             count=count,
-            consumername=consumer,
+            consumername=self.consumer if own else None,
             idle=idle_ms,
         )
         return [

@@ -111,7 +111,6 @@ def build_processor(settings: Settings, parts: Parts) -> Processor:
 
 def build_worker(settings: Settings, parts: Parts) -> Worker:
     options = Options(
-        consumer=settings.consumer,
         group=settings.group,
         batch_size=settings.batch_size,
         block_ms=settings.block_ms,
@@ -175,5 +174,4 @@ async def run_reclaim(
             min_idle_ms,
             batch_size=settings.batch_size,
             max_deliveries=settings.max_deliveries,
-            commit_timeout_s=settings.stuck_batch_s,
         )

@@ -44,7 +44,6 @@ CommitHook = Callable[[Outcome, Analysed, Batch], None]
 class Options:
     """The settings the worker's own loops use (see config.py for each one's meaning)."""
 
-    consumer: str
     group: str
     batch_size: int
     block_ms: int
@@ -165,7 +164,7 @@ class Worker:
             # Our own pending entries first (a restart under the same CONSUMER_NAME), paging by ID.
             cursor = "0"
             while True:
-                count = await self._page_size("-" if cursor == "0" else f"({cursor}", s.consumer, None)
+                count = await self._page_size("-" if cursor == "0" else f"({cursor}", own=True, idle_ms=None)
                 entries, deleted = await retrying(p.redis, self.stream.read, cursor, count, None)
                 await self._ack_deleted(deleted)
                 if not entries and not deleted:
@@ -187,6 +186,17 @@ class Worker:
     async def _reclaim(self, send: trio.MemorySendChannel[Batch]) -> None:
         """Every RECLAIM_INTERVAL_MS, take over entries idle over CLAIM_MIN_IDLE_MS (dead consumers')."""
         p, s = self.parts, self.options
+        # XAUTOCLAIM may return our own in-flight entries (a slow read, a released lease); one
+        # the writer finished while the claim was under way must not go round again: in flight
+        # just before the claim, or just after it.
+        busy: set[str] = set()
+
+        async def size(start: str) -> int:
+            count = await self._page_size(start, own=False, idle_ms=s.claim_min_idle_ms)
+            busy.clear()
+            busy.update(self.inflight)
+            return count
+
         with send, self._intake[1]:
             await self._own_pending_read.wait()
             while True:
@@ -195,15 +205,7 @@ class Worker:
                     # stuck entries (XAUTOCLAIM would), which would keep them from other workers.
                     await trio.sleep(s.reclaim_interval_ms / 1000)
                     continue
-                # XAUTOCLAIM may return our own in-flight entries (a slow read, a released lease); one
-                # the writer finished while the claim was under way must not go round again.
-                busy = set(self.inflight)
-                pages = claimed_pages(
-                    p.stream,
-                    p.redis,
-                    s.claim_min_idle_ms,
-                    lambda start: self._page_size(start, None, s.claim_min_idle_ms),
-                )
+                pages = claimed_pages(p.stream, p.redis, s.claim_min_idle_ms, size)
                 async with aclosing(pages):
                     async for claimed in pages:
                         self._note_deleted(claimed.deleted)
@@ -213,7 +215,6 @@ class Worker:
                             self.totals.reclaimed += len(fresh)
                             log.info("reclaimed %d idle entries", len(fresh))
                             await self._send(send, fresh)
-                        busy = set(self.inflight)
                 await trio.sleep(s.reclaim_interval_ms / 1000)
 
     async def _analyse(
@@ -345,10 +346,15 @@ class Worker:
 
     # -- helpers -----------------------------------------------------------------------------------------
 
-    async def _page_size(self, start: str, consumer: str | None, idle_ms: int | None) -> int:
+    async def _page_size(self, start: str, *, own: bool, idle_ms: int | None) -> int:
         s = self.options
         return await page_size(
-            self.parts, start, consumer, idle_ms, batch_size=s.batch_size, max_deliveries=s.max_deliveries
+            self.parts,
+            start,
+            own=own,
+            idle_ms=idle_ms,
+            batch_size=s.batch_size,
+            max_deliveries=s.max_deliveries,
         )
 
     async def _send(self, send: trio.MemorySendChannel[Batch], entries: list[Entry]) -> None:

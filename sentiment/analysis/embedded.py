@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from .base import Analysis
+from .bert import Tokenizer
 from .encoder import ARTEFACT, MAX_TOKENS, encoder_path, load_default
 from .labels import EMOTIONS, SENTIMENTS
 from .local import LocalAnalyzer, usable_cores
@@ -24,24 +25,17 @@ _TRACE_CHECKS = (["ok"], ["same length one", "same length two"], ["word " * 90, 
 
 
 def traced(model: nn.Module, encodings: Sequence[Any]) -> Any:
-    """The model as one TorchScript graph: a forward pass without ~400 Python module calls, which measured
-    1.18x the posts/s of eager here. Traced on the first encoding and checked against eager on the others; a
-    forward that branches on shapes (another transformers version) would disagree, and stays eager."""
+    """The model as one TorchScript graph: a forward pass without ~100 Python module calls (faster,
+    docs/benchmarks.md). Traced on the first encoding and checked against eager on the others; a forward
+    that branched on shapes would disagree, and stays eager."""
     import torch
-    from transformers.utils import logging as hf_logging
 
     first, *checks = encodings
-    verbosity = hf_logging.get_verbosity()
-    # Tracing reads every attribute of the model, and one property logs about a loss it never computes.
-    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-    try:
-        with torch.inference_mode(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # TracerWarnings about shapes read as ints: the checks decide
-            graph = torch.jit.trace(  # type: ignore[no-untyped-call]
-                model, (first["input_ids"], first["attention_mask"]), check_trace=False
-            )
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings about shapes read as ints: the checks decide
+        graph = torch.jit.trace(  # type: ignore[no-untyped-call]
+            model, (first["input_ids"], first["attention_mask"]), check_trace=False
+        )
     with torch.inference_mode():
         for enc in checks:
             args = (enc["input_ids"], enc["attention_mask"])
@@ -69,7 +63,7 @@ class EmbeddedAnalyzer(LocalAnalyzer):
         self.name = "minilm-l6-lora-dual"
         self.max_tokens = MAX_TOKENS
         self._model: Any = None  # DualHead, or its TorchScript trace
-        # Fast tokenizers are not thread-safe ("Already borrowed"): one per thread.
+        # One tokenizer per inference thread: no thread waits on another's (a few MB each).
         self._local = threading.local()
 
     def _load_model(self) -> None:
@@ -93,16 +87,12 @@ class EmbeddedAnalyzer(LocalAnalyzer):
         self._model = traced(model, [self._encode(texts) for texts in (_TRACE_EXAMPLE, *_TRACE_CHECKS)])
 
     def _encode(self, texts: Sequence[str]) -> Any:
-        return self._tokenizer()(
-            list(texts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
-        )
+        return self._tokenizer()(list(texts))
 
-    def _tokenizer(self) -> Any:
-        tok = getattr(self._local, "tokenizer", None)
+    def _tokenizer(self) -> Tokenizer:
+        tok: Tokenizer | None = getattr(self._local, "tokenizer", None)
         if tok is None:
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(str(encoder_path()), local_files_only=True)
+            tok = Tokenizer(encoder_path(), self.max_tokens)
             self._local.tokenizer = tok
         return tok
 

@@ -67,7 +67,8 @@ def load_encoder(folder: Path | None = None) -> nn.Module:
 class DualHead(nn.Module):
     """Encoder → mean pooling → (sentiment logits, emotion logits)."""
 
-    encoder: Any  # a transformers BertModel: its submodules are reached by name (embeddings, encoder.layer)
+    # transformers' BertModel (training) or bert.BertEncoder (run time): the same submodule names.
+    encoder: Any
 
     def __init__(self, encoder: nn.Module) -> None:
         super().__init__()
@@ -80,7 +81,8 @@ class DualHead(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
+        hidden = out if isinstance(out, torch.Tensor) else out.last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         return self.sentiment(pooled), self.emotion(pooled)
@@ -95,15 +97,24 @@ def lora_targets(encoder: nn.Module) -> dict[str, nn.Linear]:
     }
 
 
-def load_default(artefact: Path = ARTEFACT) -> tuple[DualHead, dict[str, Any]]:
-    """Encoder with the shipped deltas merged in, and the heads; returns (model, metadata)."""
+def load_default(
+    artefact: Path = ARTEFACT, encoder: nn.Module | None = None
+) -> tuple[DualHead, dict[str, Any]]:
+    """The encoder (by default the run-time one of bert.py) with the shipped deltas merged in, and the
+    heads; returns (model, metadata)."""
     from safetensors import safe_open
+
+    from . import bert
 
     if not artefact.exists():
         raise ModelError(
             f"the trained default model {artefact} is missing: run scripts/train_default_model.py DATA_DIR"
         )
-    model = DualHead(load_encoder())
+    if encoder is None:
+        folder = encoder_path()
+        verify_sha256(folder / "model.safetensors")
+        encoder = bert.load(folder)
+    model = DualHead(encoder)
     with safe_open(str(artefact), framework="pt") as f:
         meta = json.loads(f.metadata()["sentiment"])
         tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open is no dict

@@ -220,25 +220,32 @@ def _drop_stream(redis_url: str, stream: str) -> None:
 
 
 def bench_raw(n: int, batch_size: int, redis_url: str, database_url: str) -> dict[str, Any]:
-    """The stack's floor: a plain synchronous loop of XREADGROUP, the store's own COPY + INSERT … ON
-    CONFLICT (`store.write_rows`) and XACK; no framework, no validation, no model."""
-    from datetime import UTC, datetime
-
+    """The stack's floor: a plain synchronous loop of XREADGROUP, COPY + the two INSERT … ON CONFLICT
+    (`store.write_rows`, without the conflict check) and XACK; no framework, no validation, no model,
+    rows made by hand."""
     import psycopg
     import redis
 
-    from ..analysis.base import empty_result
-    from ..post import Post
     from ..produce import publish
-    from ..store import Record, prepare_connection, write_rows
+    from ..store import COLUMNS, prepare_connection, write_rows
 
     stream = f"raw:{uuid.uuid4().hex[:8]}"
-    posts = synthetic_posts(n, seed=4, prefix=stream)
-    publish(redis_url, stream, posts, total=n, progress=False, flat=True)  # the fields the pipeline reads
+    publish(  # the fields the pipeline reads
+        redis_url, stream, synthetic_posts(n, seed=4, prefix=stream), total=n, progress=False, flat=True
+    )
     r = redis.Redis.from_url(redis_url)
     r.xgroup_create(stream, "raw", id="0")
-    result = empty_result("raw")
-    created = datetime(2026, 1, 1, tzinfo=UTC)
+    fixed = {
+        "source": "",
+        "author": "",
+        "created_at": "2026-01-01",
+        "sentiment": "neutral",
+        "sentiment_score": 1.0,
+        "emotion": "neutral",
+        "emotion_score": 1.0,
+        "scores": '{"sentiment": {}, "emotion": {}}',
+        "model": "raw",
+    }
     with psycopg.connect(database_url, autocommit=True) as conn:
         prepare_connection(conn)
         started = time.perf_counter()
@@ -247,21 +254,15 @@ def bench_raw(n: int, batch_size: int, redis_url: str, database_url: str) -> dic
             if not reply:
                 break
             entries = reply[0][1]
-            rows = [
-                Record(
-                    Post(
-                        entry_id=i.decode(),
-                        post_id=f[b"post_id"].decode(),
-                        content=f[b"content"].decode(),
-                        source="",
-                        author="",
-                        created_at=created,
-                    ),
-                    result,
-                ).row
-                for i, f in entries
-            ]
-            write_rows(conn, rows)
+            rows = []
+            for entry_id, f in entries:
+                row = fixed | {
+                    "post_id": f[b"post_id"].decode(),
+                    "content": f[b"content"].decode(),
+                    "stream_entry_id": entry_id.decode(),
+                }
+                rows.append(tuple(row[c] for c in COLUMNS))
+            write_rows(conn, rows, find_conflicts=False)
             r.xack(stream, "raw", *[e[0] for e in entries])
         elapsed = time.perf_counter() - started
     r.delete(stream)
@@ -281,7 +282,8 @@ def bench_workers(k: int, n: int, redis_url: str, database_url: str, batch_size:
 
     stream = f"workers:{uuid.uuid4().hex[:8]}"
     publish(redis_url, stream, synthetic_posts(n, seed=5, prefix=stream), total=n, progress=False)
-    settings = Settings(
+    settings = attrs.evolve(  # the caller's settings (MODEL_QUANTIZE, say), on this stream
+        Settings.from_env(),
         database_url=database_url,
         redis_url=redis_url,
         stream=stream,

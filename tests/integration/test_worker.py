@@ -104,6 +104,23 @@ async def test_dead_consumer_entries_reclaimed_exactly_once(settings: Settings, 
     assert (await run_reclaim(settings, 1, analyzer=analyzer)).claimed == 0
 
 
+async def test_reclaim_takes_an_over_delivered_entry_and_those_before_it_one_at_a_time(
+    settings: Settings, rds: redis.Redis
+) -> None:
+    ids = publish(rds, settings.stream, 5)
+    rds.xgroup_create(settings.stream, settings.group, id="0")
+    rds.xreadgroup(settings.group, "dead-consumer", {settings.stream: ">"}, count=100)
+    rds.xclaim(settings.stream, settings.group, "dead-consumer", 0, [ids[2]], retrycount=9)  # over 5
+    await trio.sleep(0.01)  # let the entries age past min_idle_ms on Redis's clock
+    analyzer = FakeAnalyzer()
+    report = await run_reclaim(settings, 1, analyzer=analyzer)
+    assert report.processed == 5 and pending(rds, settings) == 0
+    # A page that holds an entry delivered more than MAX_DELIVERIES times is taken one entry at a time
+    # (as the worker does): p0, p1, then p2 on its own, then the rest together.
+    texts = [f"post number {i} is good" for i in range(5)]
+    assert analyzer.calls == [[texts[0]], [texts[1]], [texts[2]], texts[3:]]
+
+
 async def test_redelivered_entry_adds_no_row(settings: Settings, rds: redis.Redis) -> None:
     publish(rds, settings.stream, 1)
     await drain(settings)

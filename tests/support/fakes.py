@@ -162,7 +162,7 @@ class FakeStream:
                 self.g.pel[i] = _Pending(self.consumer, now, p.count)
 
     async def pending(
-        self, count: int, consumer: str | None = None, idle_ms: int | None = None, start: str = "-"
+        self, count: int, *, own: bool = False, idle_ms: int | None = None, start: str = "-"
     ) -> list[PendingEntry]:
         now = trio.current_time()
         after = start.startswith("(")
@@ -171,7 +171,7 @@ class FakeStream:
             PendingEntry(i, p.consumer, int((now - p.delivered_at) * 1000), p.count)
             for i, p in sorted(self.g.pel.items(), key=lambda kv: id_key(kv[0]))
             if (id_key(i) > floor if after else id_key(i) >= floor)
-            and (consumer is None or p.consumer == consumer)
+            and (not own or p.consumer == self.consumer)
             and (idle_ms is None or (now - p.delivered_at) * 1000 >= idle_ms)
         ]
         return out[:count]
