@@ -73,6 +73,9 @@ class Settings:
     metrics_port: int = _env("METRICS_PORT", 9100)
     log_level: str = _env("LOG_LEVEL", "INFO")
     log_format: str = _env("LOG_FORMAT", "text")
+    # Results of repeated texts, per worker (0 entries: no cache).
+    cache_entries: int = _env("CACHE_ENTRIES", 4096)
+    cache_max_bytes: int = _env("CACHE_MAX_BYTES", 8_000_000)
     stream_retention_s: int = _env(
         "STREAM_RETENTION", 0
     )  # 0: off; else trim acked entries older than this (never pending ones)
@@ -160,6 +163,8 @@ class Settings:
             metrics_port=r.integer("metrics_port", d.metrics_port, 0, 65535),
             log_level=r.choice("log_level", d.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
             log_format=r.choice("log_format", d.log_format, LOG_FORMATS),
+            cache_entries=r.integer("cache_entries", d.cache_entries, 0, 10_000_000),
+            cache_max_bytes=r.integer("cache_max_bytes", d.cache_max_bytes, 0, 64_000_000_000),
             stream_retention_s=r.integer("stream_retention_s", d.stream_retention_s, 0, 10**9),
         )
         if settings.dead_letter in (settings.stream, settings.attempts_key):

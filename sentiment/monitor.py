@@ -51,6 +51,13 @@ class Metrics:
         self.model_loaded = Gauge("sentiment_model_loaded", "1 once the model is loaded", registry=registry)
         self.redis_up = Gauge("sentiment_redis_up", "1 while Redis answers", registry=registry)
         self.postgres_up = Gauge("sentiment_postgres_up", "1 while PostgreSQL answers", registry=registry)
+        self.ready = Gauge("sentiment_ready", "1 while /readyz answers 200", registry=registry)
+        self.cache_lookups = Counter(
+            "sentiment_cache_lookups",
+            "Texts looked up in the duplicate cache: hit (no inference) or miss",
+            ["result"],
+            registry=registry,
+        )
 
     def on_commit(self, outcome: Outcome, analysed: Analysed, batch: Batch) -> None:
         self.posts.labels("written").inc(outcome.written - outcome.duplicates)
@@ -77,8 +84,14 @@ class Monitor:
         # outage), so a probe that succeeds never declares "back" a service the pipeline still fails on.
         self.probes = {"redis": "", "postgres": ""}
         self._show_up()
+        if p.cache is not None:
+            p.cache.on_lookup = self._count_lookups
         p.redis.on_change = lambda _up: self._show_up()
         p.postgres.on_change = lambda _up: self._show_up()
+
+    def _count_lookups(self, hits: int, misses: int) -> None:
+        self.metrics.cache_lookups.labels("hit").inc(hits)
+        self.metrics.cache_lookups.labels("miss").inc(misses)
 
     def _show_up(self) -> None:
         p = self.parts
@@ -146,6 +159,7 @@ class Monitor:
             except SentimentError as exc:
                 self.probes["postgres"] = str(exc)
             self._show_up()
+            self.metrics.ready.set(int(self.ready()[0]))
             await trio.sleep(every)
 
 

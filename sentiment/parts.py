@@ -8,6 +8,7 @@ from __future__ import annotations
 import attrs
 
 from .analysis.base import Analyzer
+from .cache import ResultCache
 from .retry import Health
 from .store import Store
 from .stream import Stream
@@ -18,6 +19,7 @@ class Parts:
     stream: Stream
     store: Store
     analyzer: Analyzer
+    cache: ResultCache | None = None  # results of texts seen before; None: every text goes to the model
     # Set by the real operations (and logged once per outage); read by the probes and the stuck-batch log.
     redis: Health = attrs.field(factory=lambda: Health("Redis"))
     postgres: Health = attrs.field(factory=lambda: Health("PostgreSQL"))

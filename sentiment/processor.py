@@ -59,6 +59,7 @@ class Outcome:
 class Processor:
     def __init__(self, parts: Parts, *, limits: Limits, max_deliveries: int) -> None:
         self.stream, self.store, self.analyzer = parts.stream, parts.store, parts.analyzer
+        self.cache = parts.cache
         self.redis, self.postgres, self.model = parts.redis, parts.postgres, parts.model
         self.limits = limits
         self.max_deliveries = max_deliveries
@@ -156,8 +157,25 @@ class Processor:
 
     async def _analyse(self, texts: list[str]) -> list[Analysis | str]:
         """Each text's analysis, or the error its text caused. An unavailable model (ModelUnavailable:
-        an LLM outage, say) is no text's fault: the batch waits for it, retried with backoff."""
-        return await retrying(self.model, self._analyse_or_blame, texts, max_wait=30.0)
+        an LLM outage, say) is no text's fault: the batch waits for it, retried with backoff.
+
+        A text seen before (in the cache, or earlier in this batch) is not analysed again."""
+        if self.cache is None:
+            return await retrying(self.model, self._analyse_or_blame, texts, max_wait=30.0)
+        cache = self.cache
+        keys = [self.analyzer.cache_key(t) for t in texts]
+        known: list[Analysis | None] = [cache.get(k) for k in keys]
+        todo: dict[str, str] = {}  # key → the first text with it that needs the model
+        for key, text, found in zip(keys, texts, known, strict=True):
+            if found is None:
+                todo.setdefault(key, text)
+        results = await retrying(self.model, self._analyse_or_blame, list(todo.values()), max_wait=30.0)
+        fresh = dict(zip(todo, results, strict=True))
+        for key, result in fresh.items():
+            if isinstance(result, Analysis):
+                cache.put(key, result)
+        cache.count(hits=len(texts) - len(todo), misses=len(todo))
+        return [found if found is not None else fresh[key] for key, found in zip(keys, known, strict=True)]
 
     async def _analyse_or_blame(self, texts: list[str]) -> list[Analysis | str]:
         results = await analyse_each(self.analyzer, texts)

@@ -12,6 +12,7 @@ import trio
 import trio_asyncio
 
 from .analysis import Analyzer
+from .cache import ResultCache
 from .config import Settings
 from .parts import Parts
 from .post import Limits
@@ -95,8 +96,9 @@ async def open_store(settings: Settings) -> AsyncIterator[PostgresStore]:
 @asynccontextmanager
 async def open_parts(settings: Settings, analyzer: Analyzer | None = None) -> AsyncIterator[Parts]:
     """The real stream and store, and the analyzer the settings name (or the one given)."""
+    cache = ResultCache(settings.cache_entries, settings.cache_max_bytes) if settings.cache_entries else None
     async with open_stream(settings) as stream, open_store(settings) as store:
-        yield Parts(stream, store, analyzer or build_analyzer(settings))
+        yield Parts(stream, store, analyzer or build_analyzer(settings), cache)
 
 
 def build_processor(settings: Settings, parts: Parts) -> Processor:
@@ -154,7 +156,14 @@ async def run_worker(settings: Settings, *, drain: bool = False) -> Worker:
             await worker.run(drain=drain)
             nursery.cancel_scope.cancel()
     t = worker.totals
-    log.info("stopped: written %d, duplicates %d, dead-lettered %d", t.written, t.duplicates, t.dead_lettered)
+    hits = f", repeated texts served from the cache {parts.cache.hits}" if parts.cache else ""
+    log.info(
+        "stopped: written %d, duplicates %d, dead-lettered %d%s",
+        t.written,
+        t.duplicates,
+        t.dead_lettered,
+        hits,
+    )
     return worker
 
 

@@ -34,6 +34,9 @@ class FallbackAnalyzer:
                 log.error("local model failed to load (%s); using %s instead", exc, self.fallback.name)
             self._primary_broken = True
 
+    def cache_key(self, text: str) -> str:
+        return self.primary.cache_key(text)
+
     async def analyze(self, texts: Sequence[str]) -> list[Analysis]:
         if not self._primary_broken:
             await self.load()  # a load failure marks the primary broken for good: no reload per batch

@@ -132,6 +132,9 @@ class LLMAnalyzer:
     async def load(self) -> None:
         return None
 
+    def cache_key(self, text: str) -> str:
+        return text
+
     async def analyze(self, texts: Sequence[str]) -> list[Analysis]:
         results: list[Analysis] = [empty_result(self.name)] * len(texts)
         todo = [i for i, t in enumerate(texts) if t.strip()]

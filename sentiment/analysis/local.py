@@ -66,6 +66,9 @@ class LocalAnalyzer:
     def _predict_chunk(self, texts: list[str]) -> list[Analysis]:
         raise NotImplementedError
 
+    def cache_key(self, text: str) -> str:
+        return normalize_tweet(text)
+
     async def analyze(self, texts: Sequence[str]) -> list[Analysis]:
         await self.load()
         # Abandoned when cancelled (shutdown): nothing was acked, so the batch stays pending; the

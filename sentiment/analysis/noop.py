@@ -18,5 +18,8 @@ class NoopAnalyzer:
     async def load(self) -> None:
         return None
 
+    def cache_key(self, text: str) -> str:
+        return text
+
     async def analyze(self, texts: Sequence[str]) -> list[Analysis]:
         return [self._result] * len(texts)

@@ -265,3 +265,33 @@ def test_migrate_creates_the_database_and_is_idempotent(pg_base: str) -> None:
             psycopg.conninfo.make_conninfo(pg_base, dbname="postgres"), autocommit=True
         ) as c:
             c.execute(f"DROP DATABASE IF EXISTS {name}")
+
+
+def test_a_worker_analyses_a_repeated_text_once_with_the_result_of_an_uncached_run(
+    settings: Settings, rds: redis.Redis
+) -> None:
+    """The real model in a real worker: retweets naming other users and links are cache hits."""
+    base = ["I love this so much!", "@bob worst service ever http://x.co", "meh, ok I guess"]
+    texts = base + [f"@user{i} worst service ever https://t.co/{i}" for i in range(4)] + base
+    plain_stream = f"{settings.stream}:plain"
+    for stream, prefix in ((settings.stream, "c"), (plain_stream, "u")):
+        for i, text in enumerate(texts):
+            rds.xadd(stream, {"post_id": f"{prefix}{i}", "content": text})
+    env = worker_env(settings, MODEL_TYPE="embedded", INFERENCE_THREADS="1")
+    cached = run_cli(["-m", "sentiment", "run", "--drain"], env, timeout=300)
+    assert cached.returncode == 0, cached.stderr[-2000:]
+    assert "repeated texts served from the cache 7" in cached.stderr  # 10 posts, 3 distinct texts
+    plain_env = {**env, "REDIS_STREAM_NAME": plain_stream, "DEAD_LETTER_STREAM": "", "CACHE_ENTRIES": "0"}
+    try:
+        plain = run_cli(["-m", "sentiment", "run", "--drain"], plain_env, timeout=300)
+    finally:
+        rds.delete(plain_stream, f"{plain_stream}:dead", f"{plain_stream}:attempts:{settings.group}")
+    assert plain.returncode == 0 and "served from the cache" not in plain.stderr, plain.stderr[-2000:]
+    with psycopg.connect(settings.database_url) as conn:
+        found = dict(conn.execute("SELECT post_id, scores FROM sentiment_analysis").fetchall())
+    assert len(found) == 2 * len(texts)
+    for i in range(len(texts)):
+        got, want = found[f"c{i}"], found[f"u{i}"]
+        for head in ("sentiment", "emotion"):
+            assert max(got[head], key=got[head].get) == max(want[head], key=want[head].get)
+            assert all(abs(got[head][k] - want[head][k]) < 1e-4 for k in want[head]), (i, got, want)

@@ -247,6 +247,9 @@ class FakeAnalyzer:
     async def load(self) -> None:
         return None
 
+    def cache_key(self, text: str) -> str:
+        return text
+
     async def analyze(self, texts: Sequence[str]) -> list[Analysis]:
         self.calls.append(list(texts))
         if self.delay:

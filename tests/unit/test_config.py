@@ -150,6 +150,8 @@ def test_to_env_is_read_back_as_the_same_settings() -> None:
         "LOG_LEVEL": "DEBUG",
         "LOG_FORMAT": "json",
         "STREAM_RETENTION": "60",
+        "CACHE_ENTRIES": "10",
+        "CACHE_MAX_BYTES": "100000",
     }
     settings = Settings.from_env(env, dotenv=None)
     assert all(getattr(settings, f.name) != getattr(Settings(), f.name) for f in attrs.fields(Settings))

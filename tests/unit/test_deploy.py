@@ -32,9 +32,7 @@ KUBERNETES_VERSIONS = ("1.30", kubernetes_validate.latest_version())
 # fail while a name is both listed and exported, or used and neither.
 EXPECTED_MISSING_METRICS = frozenset(
     {
-        "sentiment_ready",  # gauge: 1 while /readyz answers 200
         "sentiment_backlog_entries",  # gauge: the worker's own count of undelivered entries
-        "sentiment_cache_lookups_total",  # counter {result=hit|miss}: issue 13's repeated-text cache
     }
 )
 PROMETHEUS_OWN = frozenset({"up"})  # written by Prometheus for every target
@@ -257,6 +255,5 @@ def test_dashboard_is_well_formed() -> None:
         assert panel["datasource"]["uid"] == "${datasource}" and panel["targets"], panel["title"]
         for target in panel["targets"]:
             assert '{job=~"$job"' in target["expr"], (panel["title"], target["expr"])
-    # The cache panel says its metric is still to come (issue 13).
     (cache,) = [p for p in panels if "sentiment_cache_lookups_total" in json.dumps(p)]
-    assert "issue 13" in cache["title"]
+    assert "Cache" in cache["title"]
