@@ -80,7 +80,10 @@ class EmbeddedAnalyzer(LocalAnalyzer):
                 # calibrated margins int8 would cost more accuracy (docs/benchmarks.md).
                 quant = torch.ao.quantization
                 model.encoder = quant.quantize_dynamic(  # type: ignore[no-untyped-call]
-                    model.encoder, {torch.nn.Linear: quant.per_channel_dynamic_qconfig}, dtype=torch.qint8
+                    model.encoder,
+                    {torch.nn.Linear: quant.per_channel_dynamic_qconfig},
+                    dtype=torch.qint8,
+                    inplace=True,  # a copy would hold the fp32 encoder twice while quantizing: +90 MB peak
                 )
         self.name = f"{meta['name']}@{meta['version']}"
         self.max_tokens = int(meta.get("max_tokens", MAX_TOKENS))

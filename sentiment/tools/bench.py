@@ -19,6 +19,22 @@ import attrs
 from ..synthetic import synthetic_posts
 
 
+def posts_for(n: int, seed: int, prefix: str, repeat_share: float = 0.0) -> list[dict[str, str]]:
+    """Synthetic posts, each text made unique by a number (the generator's few phrases would otherwise
+    repeat by chance and flatter the duplicate cache), then a seeded `repeat_share` of them replaced by an
+    exact copy of a text among the 1,000 posts before it: a copy-paste campaign or a burst of reposts."""
+    import random
+
+    posts = list(synthetic_posts(n, seed=seed, prefix=prefix))
+    for i, post in enumerate(posts):
+        post["content"] = f"{post['content']} #{i}"
+    rng = random.Random(seed)
+    for i in range(1, n):
+        if rng.random() < repeat_share:
+            posts[i]["content"] = posts[rng.randrange(max(0, i - 1000), i)]["content"]
+    return posts
+
+
 def in_child(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
     """Run `fn(*args)` in a fresh process; add its peak RSS (what one worker process costs)."""
     ctx = multiprocessing.get_context("spawn")
@@ -40,7 +56,7 @@ def bench_model(
 
     analyzer = EmbeddedAnalyzer(quantize=quantize, threads=threads)
     analyzer.load_blocking()
-    texts = [p["content"] for p in synthetic_posts(n, seed=7)]
+    texts = [p["content"] for p in posts_for(n, seed=7, prefix="model")]
     analyzer.predict(texts[:batch_size])  # warm-up
     rates = []
     for _ in range(repeat):
@@ -131,11 +147,20 @@ def bench_seed_shapes(n: int, batch_size: int, per_post: bool = False) -> dict[s
 
 
 def bench_pipeline(
-    n: int, batch_size: int, redis_url: str, database_url: str, model_type: str = "noop", rate: float = 0.0
+    n: int,
+    batch_size: int,
+    redis_url: str,
+    database_url: str,
+    model_type: str = "noop",
+    rate: float = 0.0,
+    repeat_share: float = 0.0,
+    cache: bool = True,
 ) -> dict[str, Any]:
     """N posts through one in-process worker (real Redis + PostgreSQL), first read to last commit.
 
-    `rate` > 0 publishes at that pace while the worker runs (for latency); else all are published first."""
+    `rate` > 0 publishes at that pace while the worker runs (for latency); else all are published first.
+    `repeat_share`: that share of posts repeats an earlier text (`posts_for`); `cache`: the duplicate
+    cache on (the default settings) or off."""
     import trio
 
     from ..config import Settings
@@ -155,8 +180,9 @@ def bench_pipeline(
         metrics_port=0,
         consumer="bench",
         block_ms=100,
+        cache_entries=Settings().cache_entries if cache else 0,
     )
-    posts = list(synthetic_posts(n, seed=3, prefix=stream))
+    posts = posts_for(n, seed=3, prefix=stream, repeat_share=repeat_share)
     if not rate:
         publish(settings.redis_url, settings.stream, iter(posts), total=n, progress=False, flat=True)
     marks: dict[str, float] = {}
@@ -200,6 +226,9 @@ def bench_pipeline(
         "batch_size": batch_size,
         "seconds": round(elapsed, 3),
         "model": model_type,
+        "offered_posts_per_s": rate or None,
+        "repeat_share": repeat_share,
+        "cache": cache,
         "p50_ms": _pct(ordered, 50),
         "p95_ms": _pct(ordered, 95),
         "p99_ms": _pct(ordered, 99),
@@ -315,4 +344,69 @@ def bench_workers(k: int, n: int, redis_url: str, database_url: str, batch_size:
         "posts_per_s": round(row[0] / max(float(row[1]), 1e-9), 1),
         "n": int(row[0]),
         "peak_rss_mb": round(peak, 1),
+    }
+
+
+def bench_memory(n: int, redis_url: str, database_url: str, early: int) -> dict[str, Any]:
+    """One `python -m sentiment run` worker with the default model over `n` posts: its resident memory
+    once `early` posts are written and at the end, and its peak (VmHWM). Flat means the two are close."""
+    import os
+
+    import psycopg
+
+    from ..config import Settings
+    from ..produce import publish
+
+    stream = f"memory:{uuid.uuid4().hex[:8]}"
+    publish(redis_url, stream, iter(posts_for(n, seed=6, prefix=stream)), total=n, progress=False, flat=True)
+    settings = attrs.evolve(
+        Settings.from_env(),
+        database_url=database_url,
+        redis_url=redis_url,
+        stream=stream,
+        metrics_port=0,
+        consumer="memory",
+        log_level="WARNING",
+        model_type="embedded",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sentiment", "run", "--drain"], env={**os.environ, **settings.to_env()}
+    )
+
+    def status(field: str) -> float:
+        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def written() -> int:
+        with psycopg.connect(database_url) as conn:
+            row: Any = conn.execute(
+                "SELECT count(*) FROM sentiment_analysis WHERE post_id LIKE %s", (f"{stream}%",)
+            ).fetchone()
+            return int(row[0])
+
+    at_early = at_end = peak = 0.0
+    while proc.poll() is None:
+        try:
+            done, now, high = written(), status("VmRSS"), status("VmHWM")
+        except (OSError, psycopg.Error):  # not started yet, or just gone
+            time.sleep(0.2)
+            continue
+        if not now:  # gone between two reads
+            break
+        peak, at_end = max(peak, high), now
+        if not at_early and done >= early:
+            at_early = now
+        time.sleep(0.2)
+    proc.wait(timeout=120)
+    _drop_stream(redis_url, stream)
+    return {
+        "n": n,
+        "rss_mb": round(peak, 1),
+        "early": early,
+        "rss_at_early_mb": round(at_early, 1),
+        "rss_at_end_mb": round(at_end, 1),
+        "rss_growth_mb": round(at_end - at_early, 1),
+        "exit_code": proc.returncode,
     }
