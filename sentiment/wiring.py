@@ -96,7 +96,9 @@ async def open_store(settings: Settings) -> AsyncIterator[PostgresStore]:
 @asynccontextmanager
 async def open_parts(settings: Settings, analyzer: Analyzer | None = None) -> AsyncIterator[Parts]:
     """The real stream and store, and the analyzer the settings name (or the one given)."""
-    cache = ResultCache(settings.cache_entries, settings.cache_max_bytes) if settings.cache_entries else None
+    # The no-op analyzer answers faster than a cache lookup: nothing to save.
+    wanted = settings.cache_entries and settings.model_type != "noop"
+    cache = ResultCache(settings.cache_entries, settings.cache_max_bytes) if wanted else None
     async with open_stream(settings) as stream, open_store(settings) as store:
         yield Parts(stream, store, analyzer or build_analyzer(settings), cache)
 

@@ -60,8 +60,8 @@ def run_all(redis_url: str, database_url: str, *, quick: bool, repeat: int) -> d
         )
         for state in ("off", "on")
     }
-    r["memory"] = bench.in_child(
-        bench.bench_memory,
+    # Not in_child: bench_memory measures the worker process it starts, and in_child would overwrite that.
+    r["memory"] = bench.bench_memory(
         *((12_000, redis_url, database_url, 4000) if quick else (50_000, redis_url, database_url, 10_000)),
     )
     noop = [bench.bench_pipeline(n_pipe, 500, redis_url, database_url, "noop") for _ in range(repeat)]
