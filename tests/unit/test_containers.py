@@ -71,3 +71,19 @@ def test_compose_file_matches_the_compose_spec_schema() -> None:
     assert not errors, errors
     # The header says which Compose reads it: env_file's path/required form needs 2.24.
     assert "Compose v2.24.0 or later" in (ROOT / "containers/compose.yaml").read_text()
+
+
+def test_the_build_context_leaves_out_the_checkout_and_the_tools() -> None:
+    ignored = {
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert {".git", ".venv", ".env", "sentiment/tools", "tests"} <= ignored
+    copied = [
+        part
+        for line in (ROOT / "containers/Dockerfile").read_text().splitlines()
+        if line.startswith("COPY ")
+        for part in line.split()[1:-1]
+    ]
+    assert copied and not set(copied) & ignored, "the Dockerfile copies something the context leaves out"
