@@ -55,7 +55,9 @@ class Prometheus:
 @pytest.fixture
 def worker_port(settings: Settings) -> Iterator[int]:
     port = free_port()
-    worker = start_worker(worker_env(settings, METRICS_PORT=str(port)))
+    # The default model, as operators run it (the cache and its metric exist only for a real model).
+    env = worker_env(settings, METRICS_PORT=str(port), MODEL_TYPE="embedded", INFERENCE_THREADS="1")
+    worker = start_worker(env)
     yield port
     worker.send_signal(signal.SIGTERM)
     try:
