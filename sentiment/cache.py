@@ -6,6 +6,7 @@ least recently used out first. Only successful analyses are kept: a text that fa
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -56,4 +57,5 @@ class ResultCache:
 
 
 def _size(key: str) -> int:
-    return len(key.encode("utf-8", "surrogatepass")) + ENTRY_OVERHEAD_BYTES
+    # What the str object holds (1, 2 or 4 bytes a character, by its widest one), not its UTF-8 length.
+    return sys.getsizeof(key) + ENTRY_OVERHEAD_BYTES

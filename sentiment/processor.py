@@ -172,7 +172,9 @@ class Processor:
         results = await retrying(self.model, self._analyse_or_blame, list(todo.values()), max_wait=30.0)
         fresh = dict(zip(todo, results, strict=True))
         for key, result in fresh.items():
-            if isinstance(result, Analysis):
+            # Only the analyzer's own answers: not a fallback's (an LLM asked while the local model was
+            # down, which read the raw text), which would outlive the outage.
+            if isinstance(result, Analysis) and result.model == self.analyzer.name:
                 cache.put(key, result)
         cache.count(hits=len(texts) - len(todo), misses=len(todo))
         return [found if found is not None else fresh[key] for key, found in zip(keys, known, strict=True)]

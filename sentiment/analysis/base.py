@@ -95,7 +95,10 @@ class Analyzer(Protocol):
     `load` may block for seconds (it runs in a worker thread or awaits I/O); `analyze` raises ModelError
     (or an error of its own) when the batch fails, and the pipeline then isolates the failing text."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The model that answers: what each Analysis it returns names in `model`."""
+        ...
 
     @property
     def loaded(self) -> bool: ...

@@ -15,7 +15,6 @@ class FallbackAnalyzer:
     def __init__(self, primary: Analyzer, fallback: Analyzer) -> None:
         self.primary = primary
         self.fallback = fallback
-        self.name = primary.name
         self._primary_broken = False
 
     @property
@@ -33,6 +32,12 @@ class FallbackAnalyzer:
             if not self._primary_broken:
                 log.error("local model failed to load (%s); using %s instead", exc, self.fallback.name)
             self._primary_broken = True
+
+    @property
+    def name(self) -> str:
+        # The local model's, read when asked: it names its version only once loaded. Answers from the
+        # fallback name the LLM instead, so the duplicate cache never keeps them.
+        return self.primary.name
 
     def cache_key(self, text: str) -> str:
         return self.primary.cache_key(text)

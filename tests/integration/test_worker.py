@@ -277,7 +277,8 @@ def test_a_worker_analyses_a_repeated_text_once_with_the_result_of_an_uncached_r
     for stream, prefix in ((settings.stream, "c"), (plain_stream, "u")):
         for i, text in enumerate(texts):
             rds.xadd(stream, {"post_id": f"{prefix}{i}", "content": text})
-    env = worker_env(settings, MODEL_TYPE="embedded", INFERENCE_THREADS="1")
+    # fp32: int8 scores depend on a text's chunk mates (one activation scale per chunk), cache or not.
+    env = worker_env(settings, MODEL_TYPE="embedded", INFERENCE_THREADS="1", MODEL_QUANTIZE="0")
     cached = run_cli(["-m", "sentiment", "run", "--drain"], env, timeout=300)
     assert cached.returncode == 0, cached.stderr[-2000:]
     assert "repeated texts served from the cache 7" in cached.stderr  # 10 posts, 3 distinct texts

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
+
+import attrs
 import pytest
 import trio
 import trio.testing
 
-from sentiment.analysis.base import empty_result
+from sentiment.analysis.base import Analysis, empty_result
 from sentiment.analysis.embedded import EmbeddedAnalyzer
 from sentiment.analysis.noop import NoopAnalyzer
 from sentiment.cache import ENTRY_OVERHEAD_BYTES, ResultCache
@@ -28,12 +32,30 @@ def test_bounded_by_entries_and_bytes_least_recently_used_out_first() -> None:
     assert cache.get("a") is result  # a is now the most recently used
     cache.put("d", result)
     assert [k for k in "abcd" if cache.get(k)] == ["a", "c", "d"]
-    small = ResultCache(max_entries=100, max_bytes=2 * (ENTRY_OVERHEAD_BYTES + 10))
+    small = ResultCache(max_entries=100, max_bytes=2 * (ENTRY_OVERHEAD_BYTES + sys.getsizeof("0123456789")))
     for key in ("0123456789", "abcdefghij", "ABCDEFGHIJ"):
         small.put(key, result)
     assert len(small) == 2 and small.bytes <= small.max_bytes and small.get("0123456789") is None
     small.put("x" * 10**6, result)  # larger than the whole cache: not kept, nothing evicted for it
     assert len(small) == 2
+    wide = ResultCache(max_entries=100, max_bytes=10**6)
+    wide.put("x" * 1999 + "😀", result)  # one astral character: 4 bytes for every character in memory
+    assert wide.bytes >= 4 * 2000
+
+
+class FallingBack(FakeAnalyzer):
+    """Answers as another model would (a fallback LLM while the local model is down)."""
+
+    async def analyze(self, texts: Sequence[str]) -> list[Analysis]:
+        return [attrs.evolve(a, model="llm:fallback") for a in await super().analyze(texts)]
+
+
+async def test_answers_of_another_model_are_not_kept(autojump_clock: Clock) -> None:
+    analyzer, cache = FallingBack(), ResultCache(100, 10**6)
+    await drain(["same text"] * 3 + ["other"] * 3, analyzer, cache)
+    await drain(["same text", "other"], analyzer, cache)
+    assert len(cache) == 0
+    assert sorted(t for call in analyzer.calls for t in call) == ["other"] * 2 + ["same text"] * 2
 
 
 def test_the_key_is_the_text_the_model_sees() -> None:
@@ -77,7 +99,9 @@ async def test_results_are_those_of_an_uncached_run() -> None:
         "so scared of tomorrow",
     ]
     texts = base + [f"@user{i} worst service ever https://t.co/{i}" for i in range(6)] + base * 3
-    model = EmbeddedAnalyzer(threads=1)
+    # fp32: with int8, a text's scores already depend on the texts it shares a chunk with (one activation
+    # scale per chunk), cache or not; the cache then serves one of those results to every repeat.
+    model = EmbeddedAnalyzer(threads=1, quantize=False)
     cached = await drain(texts, model, ResultCache(1000, 10**7))
     plain = await drain(texts, model, None)
     assert len(plain.analyses) == len(cached.analyses) == len(texts)
