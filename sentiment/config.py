@@ -180,57 +180,51 @@ def _env_names() -> dict[str, str]:
     return {f.name: f.metadata["env"] for f in attrs.fields(Settings)}
 
 
-def _var(key: str) -> str:
-    """The variable a field reads (`key`: a field's name), or `key` itself (REDIS_HOST and the like)."""
-    return _env_names().get(key, key)
-
-
 @attrs.define
 class _Reader:
     env: Mapping[str, str]
     seen: set[str] = attrs.Factory(set)
 
-    def _get(self, name: str) -> str | None:
+    def _get(self, key: str) -> tuple[str, str | None]:
+        """The variable a field reads (`key`: the field's name, or a variable's, such as REDIS_HOST) and
+        its value, None when unset or blank."""
+        name = _env_names().get(key, key)
         self.seen.add(name)
         value = self.env.get(name)
-        return None if value is None or value.strip() == "" else value.strip()
+        return name, None if value is None or value.strip() == "" else value.strip()
 
-    def text(self, name: str, default: str, *, required: bool = True) -> str:
-        name = _var(name)
-        value = self._get(name)
+    def text(self, key: str, default: str, *, required: bool = True) -> str:
+        name, value = self._get(key)
         if value is None:
             return default
         if required and any(c.isspace() for c in value):
             raise ConfigError(f"{name} must not contain spaces, got {value!r}")
         return value
 
-    def _parsed(self, name: str, default: T, parse: Callable[[str], T], what: str) -> T:
-        value = self._get(name)
+    def _parsed(self, key: str, default: T, parse: Callable[[str], T], what: str) -> tuple[str, T]:
+        name, value = self._get(key)
         if value is None:
-            return default
+            return name, default
         try:
-            return parse(value)
+            return name, parse(value)
         except ValueError:
             raise ConfigError(f"{name} must be {what}, got {value!r}") from None
 
-    def integer(self, name: str, default: int, low: int, high: int) -> int:
-        name = _var(name)
+    def integer(self, key: str, default: int, low: int, high: int) -> int:
         what = f"an integer from {low} to {high}"
-        value = self._parsed(name, default, int, what)
+        name, value = self._parsed(key, default, int, what)
         if not low <= value <= high:
             raise ConfigError(f"{name} must be {what}, got {value}")
         return value
 
-    def number(self, name: str, default: float, low: float, high: float) -> float:
-        name = _var(name)
+    def number(self, key: str, default: float, low: float, high: float) -> float:
         what = f"a number from {low:g} to {high:g}"
-        value = self._parsed(name, default, float, what)
+        name, value = self._parsed(key, default, float, what)
         if not low <= value <= high:
             raise ConfigError(f"{name} must be {what}, got {value:g}")
         return value
 
-    def flag(self, name: str, default: bool) -> bool:
-        name = _var(name)
+    def flag(self, key: str, default: bool) -> bool:
         words = {
             "1": True,
             "true": True,
@@ -247,19 +241,18 @@ class _Reader:
                 raise ValueError(v)
             return words[v.lower()]
 
-        return self._parsed(name, default, parse, "one of 1/0, true/false, yes/no, on/off")
+        return self._parsed(key, default, parse, "one of 1/0, true/false, yes/no, on/off")[1]
 
     def choice(
         self,
-        name: str,
+        key: str,
         default: str,
         allowed: tuple[str, ...],
         aliases: Mapping[str, str] | None = None,
         *,
         upper: bool = False,
     ) -> str:
-        name = _var(name)
-        value = self._get(name)
+        name, value = self._get(key)
         if value is None:
             return default
         value = value.upper() if upper else value.lower()
@@ -268,9 +261,9 @@ class _Reader:
             raise ConfigError(f"{name} must be one of {', '.join(a for a in allowed if a)}, got {value!r}")
         return value
 
-    def url(self, name: str, default: str, schemes: tuple[str, ...]) -> str:
-        name = _var(name)
-        value = self._get(name) or default
+    def url(self, key: str, default: str, schemes: tuple[str, ...]) -> str:
+        name, found = self._get(key)
+        value = found or default
         try:
             parts = urlsplit(value)
             parts.port  # noqa: B018 - raises ValueError on a bad port

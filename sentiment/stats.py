@@ -14,7 +14,6 @@ from .stream import RedisStream
 
 async def collect(stream: RedisStream, store: PostgresStore) -> dict[str, Any]:
     figures = await stream.info()
-    await store.migrate()
     counts = await store.counts()
     figures["tables"] = {
         "social_media_posts": counts.posts,
@@ -49,6 +48,7 @@ def render(f: dict[str, Any]) -> str:
 async def run_stats(
     stream: RedisStream, store: PostgresStore, *, as_json: bool = False, watch: float | None = None
 ) -> None:
+    await store.migrate()  # the tables exist (and are current) before the first count: once, not per refresh
     while True:
         figures = await collect(stream, store)
         text = json.dumps(figures) if as_json else render(figures)

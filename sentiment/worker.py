@@ -83,7 +83,6 @@ class Worker:
         self.parts = parts
         self.processor = processor
         self.options = options
-        self.stream = parts.stream
         self.totals = Totals()
         self.inflight: dict[str, None] = {}  # entry IDs read and not yet acked, dead-lettered or released
         self.last_progress = time.monotonic()  # last commit; wall clock, read by the /healthz thread
@@ -165,21 +164,21 @@ class Worker:
             cursor = "0"
             while True:
                 count = await self._page_size("-" if cursor == "0" else f"({cursor}", own=True, idle_ms=None)
-                entries, deleted = await retrying(p.redis, self.stream.read, cursor, count, None)
+                entries, deleted = await retrying(p.redis, p.stream.read, cursor, count, None)
                 await self._ack_deleted(deleted)
                 if not entries and not deleted:
                     break
                 cursor = max([e.id for e in entries] + deleted, key=id_key)
-                entries = await retrying(p.redis, self.stream.with_deliveries, entries)
+                entries = await retrying(p.redis, p.stream.with_deliveries, entries)
                 await self._send(send, entries)
             self._own_pending_read.set()
             # Then new ones. In drain mode a short block, and stop once the group owes nothing.
             block = min(s.block_ms, 200) if drain else s.block_ms
             while True:
-                entries, _ = await retrying(p.redis, self.stream.read, ">", s.batch_size, block)
+                entries, _ = await retrying(p.redis, p.stream.read, ">", s.batch_size, block)
                 if entries:
                     await self._send(send, entries)
-                elif drain and not self.inflight and await retrying(p.redis, self.stream.pending_count) == 0:
+                elif drain and not self.inflight and await retrying(p.redis, p.stream.pending_count) == 0:
                     log.info("drained: nothing new or pending for group %s", s.group)
                     self._stop_intake()
 
@@ -289,7 +288,7 @@ class Worker:
                 self._released.update(self.inflight)
             ids = [] if stuck else [i for i in self.inflight if i not in self._released]
             if ids:
-                await retrying(self.parts.redis, self.stream.renew, ids)
+                await retrying(self.parts.redis, self.parts.stream.renew, ids)
 
     def stuck(self) -> tuple[Batch, float] | None:
         """The batch in the writer and for how long, if longer than STUCK_BATCH_S. (Read by the
@@ -307,7 +306,7 @@ class Worker:
         failing = False
         while True:
             try:
-                trimmed = await self.stream.trim_acked(age_ms)
+                trimmed = await self.parts.stream.trim_acked(age_ms)
             except Exception as exc:  # fail closed: whatever went wrong, this round trims nothing
                 if not failing:
                     log.warning("retention skipped: %s: %s (nothing trimmed)", type(exc).__name__, exc)
@@ -327,7 +326,7 @@ class Worker:
             await trio.sleep(every)
             t, now = self.totals, trio.current_time()
             try:
-                lag = (await self.stream.group_info())["lag"]
+                lag = (await self.parts.stream.group_info())["lag"]
             except TransientError:
                 lag = -1  # Redis is down: the outage has its own log line
             log.info(
@@ -365,7 +364,7 @@ class Worker:
 
     async def _ack_deleted(self, ids: list[str]) -> None:
         if ids:
-            await retrying(self.parts.redis, self.stream.ack, ids)
+            await retrying(self.parts.redis, self.parts.stream.ack, ids)
             self._note_deleted(ids)
 
     def _note_deleted(self, ids: Sequence[str]) -> None:

@@ -30,6 +30,12 @@ def pending(r: redis.Redis, s: Settings) -> int:
     return int(r.xpending(s.stream, s.group)["pending"])
 
 
+def read_by_a_dead_consumer(r: redis.Redis, s: Settings) -> None:
+    """Every entry so far delivered to "dead-consumer", which never acks: pending for reclaim."""
+    r.xgroup_create(s.stream, s.group, id="0")
+    r.xreadgroup(s.group, "dead-consumer", {s.stream: ">"}, count=100)
+
+
 async def drain(settings: Settings, analyzer: FakeAnalyzer | None = None) -> Worker:
     async with open_worker(settings, analyzer) as worker:
         with trio.fail_after(60):
@@ -92,8 +98,7 @@ async def test_failed_commit_leaves_entry_pending_until_retry_succeeds(
 
 async def test_dead_consumer_entries_reclaimed_exactly_once(settings: Settings, rds: redis.Redis) -> None:
     publish(rds, settings.stream, 30)
-    rds.xgroup_create(settings.stream, settings.group, id="0")
-    rds.xreadgroup(settings.group, "dead-consumer", {settings.stream: ">"}, count=100)  # read, never acked
+    read_by_a_dead_consumer(rds, settings)
     await trio.sleep(0.01)  # let the entries age past min_idle_ms on Redis's clock
     analyzer = FakeAnalyzer()
     report = await run_reclaim(settings, 1, analyzer=analyzer)
@@ -108,8 +113,7 @@ async def test_reclaim_takes_an_over_delivered_entry_and_those_before_it_one_at_
     settings: Settings, rds: redis.Redis
 ) -> None:
     ids = publish(rds, settings.stream, 5)
-    rds.xgroup_create(settings.stream, settings.group, id="0")
-    rds.xreadgroup(settings.group, "dead-consumer", {settings.stream: ">"}, count=100)
+    read_by_a_dead_consumer(rds, settings)
     rds.xclaim(settings.stream, settings.group, "dead-consumer", 0, [ids[2]], retrycount=9)  # over 5
     await trio.sleep(0.01)  # let the entries age past min_idle_ms on Redis's clock
     analyzer = FakeAnalyzer()
@@ -137,8 +141,7 @@ async def test_invalid_goes_to_dead_letter_and_over_max_deliveries_is_still_writ
 ) -> None:
     bad = rds.xadd(settings.stream, {"data": "{not json"}).decode()
     [tired] = publish(rds, settings.stream, 1, prefix="tired")
-    rds.xgroup_create(settings.stream, settings.group, id="0")
-    rds.xreadgroup(settings.group, "dead-consumer", {settings.stream: ">"}, count=100)
+    read_by_a_dead_consumer(rds, settings)
     # Pretend `tired` was delivered 9 times already (MAX_DELIVERIES is 5).
     rds.xclaim(settings.stream, settings.group, "dead-consumer", 0, [tired], retrycount=9)
     await trio.sleep(0.01)  # let the entries age past min_idle_ms on Redis's clock
@@ -158,8 +161,7 @@ async def test_pending_entry_deleted_from_stream_counts_as_deleted(
     settings: Settings, rds: redis.Redis
 ) -> None:
     ids = publish(rds, settings.stream, 3)
-    rds.xgroup_create(settings.stream, settings.group, id="0")
-    rds.xreadgroup(settings.group, "dead-consumer", {settings.stream: ">"}, count=100)
+    read_by_a_dead_consumer(rds, settings)
     rds.xdel(settings.stream, ids[1])
     await trio.sleep(0.01)  # let the entries age past min_idle_ms on Redis's clock
     report = await run_reclaim(settings, 1)
@@ -169,8 +171,7 @@ async def test_pending_entry_deleted_from_stream_counts_as_deleted(
 
 def test_reclaim_script_prints_json_and_dry_run_lists(settings: Settings, rds: redis.Redis) -> None:
     publish(rds, settings.stream, 4)
-    rds.xgroup_create(settings.stream, settings.group, id="0")
-    rds.xreadgroup(settings.group, "dead-consumer", {settings.stream: ">"}, count=100)
+    read_by_a_dead_consumer(rds, settings)
     time.sleep(0.01)  # let the entries age past min_idle_ms on Redis's clock
     env = worker_env(settings)
     dry = run_cli([str(ROOT / "scripts/reclaim.py"), "--dry-run", "--min-idle-ms", "1"], env)

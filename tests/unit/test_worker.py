@@ -85,7 +85,7 @@ async def test_failed_ack_leaves_entry_pending_then_acks(autojump_clock: Clock) 
     group, store = FakeGroup(), FakeStore()
     publish(group, 2)
     worker = make_worker(group, store)
-    worker.stream.fail_next["ack"] = 2  # type: ignore[attr-defined]
+    worker.parts.stream.fail_next["ack"] = 2  # type: ignore[attr-defined]
     await worker.run(drain=True)
     assert len(group.acked) == 2
     assert len(store.analyses) == 2
@@ -240,7 +240,7 @@ async def test_redis_outage_is_logged_once_and_worker_resumes(
     group, store = FakeGroup(), FakeStore()
     publish(group, 3)
     worker = make_worker(group, store)
-    worker.stream.fail_next["*"] = 20  # type: ignore[attr-defined]
+    worker.parts.stream.fail_next["*"] = 20  # type: ignore[attr-defined]
     await worker.run(drain=True)
     assert len(store.analyses) == 3
     outage_lines = [r for r in caplog.records if "Redis unavailable" in r.getMessage()]
@@ -280,7 +280,7 @@ async def test_model_that_cannot_load_stops_the_worker_and_blames_no_post(autoju
 async def test_stop_during_startup_while_redis_is_down_returns(autojump_clock: Clock) -> None:
     group = FakeGroup()
     worker = make_worker(group)
-    worker.stream.fail_next["*"] = 10**6  # type: ignore[attr-defined]
+    worker.parts.stream.fail_next["*"] = 10**6  # type: ignore[attr-defined]
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(worker.run)
