@@ -189,6 +189,31 @@ def test_reclaim_script_prints_json_and_dry_run_lists(settings: Settings, rds: r
     assert rows(settings.database_url) == 4
 
 
+def test_the_reclaim_command_waits_a_locked_table_out(settings: Settings, rds: redis.Redis) -> None:
+    """Found by review: a reclaim that gave up after STUCK_BATCH_S left its pages pending and exited 1.
+    Like the worker, it waits; its commit is bounded only by the server's lock timeout and retries."""
+    publish(rds, settings.stream, 5)
+    run_cli(["-m", "sentiment", "migrate"], worker_env(settings))
+    read_by_a_dead_consumer(rds, settings)
+    env = worker_env(settings, STUCK_BATCH_S="1")
+    with psycopg.connect(settings.database_url) as lock:
+        lock.execute("LOCK TABLE sentiment_analysis IN EXCLUSIVE MODE")  # held until the block ends
+        reclaim = subprocess.Popen(
+            [sys.executable, "-m", "sentiment", "reclaim", "--min-idle-ms", "1"],
+            cwd=ROOT / "tests",
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(4)  # several STUCK_BATCH_S over, with the page claimed and its write blocked
+        assert reclaim.poll() is None, reclaim.communicate()[1][-2000:]
+    out, err = reclaim.communicate(timeout=120)
+    assert reclaim.returncode == 0, err[-2000:]
+    assert json.loads(out.splitlines()[-1])["processed"] == 5
+    assert rows(settings.database_url) == 5 and pending(rds, settings) == 0
+
+
 def test_three_workers_share_the_stream(settings: Settings, rds: redis.Redis) -> None:
     publish(rds, settings.stream, 3000)
     rds.xgroup_create(settings.stream, settings.group, id="0")
