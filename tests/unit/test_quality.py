@@ -15,9 +15,9 @@ def run(*cmd: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_lint_and_format() -> None:
-    lint = run(str(BIN / "ruff"), "check", "sentiment", "tests", "scripts")
+    lint = run(str(BIN / "ruff"), "check", "sentiment", "tests", "scripts", "containers")
     assert lint.returncode == 0, lint.stdout
-    fmt = run(str(BIN / "ruff"), "format", "--check", "sentiment", "tests", "scripts")
+    fmt = run(str(BIN / "ruff"), "format", "--check", "sentiment", "tests", "scripts", "containers")
     assert fmt.returncode == 0, fmt.stdout
 
 
