@@ -24,6 +24,9 @@ from .worker import Batch, Worker
 
 log = logging.getLogger(__name__)
 STALL_AFTER_S = 600.0  # work in flight, services up, and no batch committed for this long: stalled
+# Where Redis cannot tell the lag, the backlog is counted with XRANGE: up to KEDA's 10 replicas x 10,000
+# (containers/kubernetes/keda-prometheus.yaml), at KEDA's polling interval, 1,000 entries a call.
+COUNT_BACKLOG_UP_TO, COUNT_BACKLOG_EVERY_S = 100_000, 15.0
 
 
 class Metrics:
@@ -43,7 +46,14 @@ class Metrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
         )
         self.lag = Gauge(
-            "sentiment_consumer_group_lag", "Entries not yet delivered to the group", registry=registry
+            "sentiment_consumer_group_lag",
+            "Entries not yet delivered to the group, as XINFO GROUPS says (-1: Redis cannot tell)",
+            registry=registry,
+        )
+        self.backlog = Gauge(
+            "sentiment_backlog_entries",
+            "Entries not yet delivered to the group: Redis's lag, else counted (at most 100000, every 15 s)",
+            registry=registry,
         )
         self.pending = Gauge(
             "sentiment_pending_entries", "Entries delivered and not yet acked", registry=registry
@@ -140,14 +150,18 @@ class Monitor:
         return app
 
     async def sample(self, every: float = 5.0) -> None:
-        """Every few seconds: group lag and pending count from Redis, and whether the servers answer."""
-        p = self.parts
+        """Every few seconds: backlog and pending count from Redis, and whether the servers answer."""
+        p, counted_at = self.parts, -COUNT_BACKLOG_EVERY_S
         while True:
             self.metrics.model_loaded.set(int(p.analyzer.loaded))
             try:
-                info = await p.stream.group_info()
-                self.metrics.lag.set(info.get("lag") or 0)
-                self.metrics.pending.set(info.get("pending") or 0)
+                count = time.monotonic() - counted_at >= COUNT_BACKLOG_EVERY_S
+                info = await p.stream.group_info(COUNT_BACKLOG_UP_TO if count else 0)
+                self.metrics.lag.set(info["lag"])
+                if info["backlog"] >= 0:  # else: not counted this time, the last count stands
+                    self.metrics.backlog.set(info["backlog"])
+                    counted_at = time.monotonic() if count and info["lag"] < 0 else counted_at
+                self.metrics.pending.set(info["pending"])
                 self.probes["redis"] = ""
             except SentimentError as exc:
                 self.probes["redis"] = str(exc)

@@ -68,7 +68,7 @@ class Stream(Protocol):
         self, count: int, *, own: bool = False, idle_ms: int | None = None, start: str = "-"
     ) -> list[PendingEntry]: ...
     async def pending_count(self) -> int: ...
-    async def group_info(self) -> dict[str, int]: ...
+    async def group_info(self, count_up_to: int = 0) -> dict[str, int]: ...
     async def trim_acked(self, min_age_ms: int) -> int: ...
 
 
@@ -357,13 +357,32 @@ class RedisStream:
             raise
         return groups
 
-    async def group_info(self) -> dict[str, int]:
-        """Our group's lag (entries not yet delivered to it) and pending count (XINFO GROUPS)."""
+    async def group_info(self, count_up_to: int = 0) -> dict[str, int]:
+        """Our group's pending count, its lag as XINFO GROUPS reports it (-1: Redis cannot tell, after
+        XDEL or trims: redis issue 13337), and its backlog: the entries not yet delivered to it, the lag
+        where Redis knows it, else counted past the group's last-delivered ID, up to `count_up_to` (0: not
+        counted, -1)."""
+        last, lag, pending = "0-0", None, 0
         for group in await self._groups():
             if decode(group["name"]) == self.group:
-                lag = group.get("lag")
-                return {"lag": int(lag) if lag is not None else -1, "pending": int(group["pending"])}
-        return {"lag": -1, "pending": 0}
+                last, lag, pending = (
+                    decode(group["last-delivered-id"]),
+                    group.get("lag"),
+                    int(group["pending"]),
+                )
+                break
+        said = -1 if lag is None else int(lag)
+        if lag is not None or not count_up_to:
+            return {"lag": said, "backlog": said, "pending": pending}
+        backlog, start = 0, f"({last}"
+        while backlog < count_up_to:
+            page = min(1000, count_up_to - backlog)
+            entries: Any = await self._call(self._redis.xrange, self.name, start, "+", count=page)
+            backlog += len(entries)
+            if len(entries) < page:
+                break
+            start = f"({decode(entries[-1][0])}"
+        return {"lag": -1, "backlog": backlog, "pending": pending}
 
     async def info(self) -> dict[str, Any]:
         """What `sentiment stats` shows: stream length, groups with consumers, dead-letter length."""

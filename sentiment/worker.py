@@ -320,20 +320,20 @@ class Worker:
             await trio.sleep(min(60.0, max(1.0, self.options.stream_retention_s / 4)))
 
     async def _summaries(self, every: float = 30.0) -> None:
-        """Every 30 s one line: rate, group lag, outcomes and errors (not a line per post)."""
+        """Every 30 s one line: rate, backlog, outcomes and errors (not a line per post)."""
         last, last_t = attrs.evolve(self.totals), trio.current_time()
         while True:
             await trio.sleep(every)
             t, now = self.totals, trio.current_time()
             try:
-                lag = (await self.parts.stream.group_info())["lag"]
+                backlog = (await self.parts.stream.group_info())["backlog"]
             except TransientError:
-                lag = -1  # Redis is down: the outage has its own log line
+                backlog = -1  # Redis is down: the outage has its own log line
             log.info(
-                "%.1f posts/s, lag %d, in flight %d; written %d, duplicates %d, dead-lettered %d, "
+                "%.1f posts/s, backlog %d, in flight %d; written %d, duplicates %d, dead-lettered %d, "
                 "analysis errors %d, reclaimed %d",
                 (t.written - last.written) / max(now - last_t, 1e-9),
-                lag,
+                backlog,
                 len(self.inflight),
                 t.written,
                 t.duplicates,

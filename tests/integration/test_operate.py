@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
+import psycopg
 import redis
 import trio
 
 from sentiment.config import Settings
 from sentiment.monitor import serve_monitor
+from sentiment.tools.throwaway import free_port
 from sentiment.wiring import build_worker, open_parts
 
 from ..support.fakes import FakeAnalyzer
-from ..support.servers import rows, run_cli, worker_env
+from ..support.servers import rows, run_cli, start_worker, worker_env
 
 
 class LazyAnalyzer(FakeAnalyzer):
@@ -114,3 +117,48 @@ def test_produce_round_trips_a_file_and_stats_reports_it(settings: Settings, tmp
     )
     text = run_cli(["-m", "sentiment", "stats"], env)
     assert "sentiment_analysis 16" in text.stdout
+
+
+def test_the_worker_counts_the_backlog_where_redis_cannot_tell_the_lag(
+    settings: Settings, rds: redis.Redis
+) -> None:
+    # An XDEL ahead of the group's last-delivered ID: XINFO GROUPS's lag is null from then on (redis issue
+    # 13337). Autoscaling on it would see nothing to do; the worker's own gauge counts the entries.
+    ids = [rds.xadd(settings.stream, {"post_id": f"b{i}", "content": "hi"}) for i in range(2500)]
+    rds.xdel(settings.stream, ids[1200])
+    assert run_cli(["-m", "sentiment", "migrate"], worker_env(settings)).returncode == 0
+    port = free_port()
+    with psycopg.connect(settings.database_url) as lock:
+        # The worker's writes wait on this lock: what it read stays pending, the rest undelivered.
+        lock.execute("LOCK TABLE sentiment_analysis IN ACCESS EXCLUSIVE MODE")
+        worker = start_worker(worker_env(settings, METRICS_PORT=str(port)))
+        try:
+            gauges: dict[str, float] = {}
+            deadline = time.monotonic() + 60
+
+            def consistent() -> bool:
+                # One sample of the worker's: every live entry is either counted as not yet delivered or
+                # pending (read, waiting on the lock), after the worker has read what it holds.
+                backlog, pending = (
+                    gauges.get(f"sentiment_{n}", 0) for n in ("backlog_entries", "pending_entries")
+                )
+                return pending > 0 and backlog + pending == 2499
+
+            while not consistent() and time.monotonic() < deadline:
+                time.sleep(0.5)
+                try:
+                    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+                except httpx.TransportError:
+                    continue
+                gauges = {
+                    name: float(value)
+                    for name, value in (
+                        line.split() for line in text.splitlines() if not line.startswith("#")
+                    )
+                }
+            assert consistent(), gauges
+            assert gauges["sentiment_consumer_group_lag"] == -1
+            assert rds.xinfo_groups(settings.stream)[0]["lag"] is None
+        finally:
+            worker.terminate()
+            worker.communicate(timeout=30)

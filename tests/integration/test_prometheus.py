@@ -21,10 +21,8 @@ from sentiment.config import Settings
 
 from ..support.servers import publish, start_worker, wait_for, worker_env
 from ..unit.test_deploy import (
-    EXPECTED_MISSING_METRICS,
     MONITORING,
     dashboard_exprs,
-    metric_names,
     used_metrics,
 )
 
@@ -114,10 +112,9 @@ def test_prometheus_scrapes_every_metric_the_rules_and_dashboard_use(
 ) -> None:
     publish(rds, settings.stream, 20)
     rds.xadd(settings.stream, {"content": "no post_id: dead-lettered"})
-    wanted = {m for m in used_metrics() if m not in EXPECTED_MISSING_METRICS}
+    wanted = used_metrics()
     wait_for(lambda: wanted <= prometheus.names(), f"Prometheus to scrape {sorted(wanted)}")
     assert prometheus.query('up{job="sentiment"}')[0]["value"][1] == "1"
-    assert not EXPECTED_MISSING_METRICS & prometheus.names(), "exported now: update EXPECTED_MISSING_METRICS"
     # The histograms and outcome counters moved, not only exist.
     wait_for(lambda: prometheus.query('sentiment_posts_total{outcome="written"} >= 20'), "20 posts written")
     wait_for(lambda: prometheus.query('sentiment_posts_total{outcome="dead_lettered"} >= 1'), "a dead letter")
@@ -125,16 +122,13 @@ def test_prometheus_scrapes_every_metric_the_rules_and_dashboard_use(
     assert prometheus.query("sentiment_inference_seconds_count > 0")
 
     # Each dashboard query, as Grafana would send it with job = All, answers (two scrapes are needed
-    # for a rate: wait), except those that read a metric still to come.
+    # for a rate: wait).
     for expr in dashboard_exprs():
         promql = expr.replace("$__rate_interval", "1m").replace('"$job"', '".*"')
-        if metric_names([expr]) & EXPECTED_MISSING_METRICS:
-            continue
         wait_for(lambda promql=promql: prometheus.query(promql), f"an answer to {promql}", timeout=30)
 
-    # Every rule evaluated without error; the backlog record has data (from Redis's lag until the
-    # worker exports its own count). The worker samples the lag every 5 s and reports -1 (unknown,
-    # which the record leaves out) until then: wait.
+    # Every rule evaluated without error; the backlog record has data (the worker's own gauge, sampled
+    # every 5 s: wait).
     wait_for(lambda: all(r["health"] == "ok" for r in prometheus.rules()), "the rules to evaluate")
     assert not [r["lastError"] for r in prometheus.rules() if r.get("lastError")]
     record = "namespace_job:sentiment_backlog_entries:max"

@@ -176,9 +176,9 @@ class FakeStream:
         ]
         return out[:count]
 
-    async def group_info(self) -> dict[str, int]:
+    async def group_info(self, count_up_to: int = 0) -> dict[str, int]:
         lag = sum(1 for i in self.g.entries if id_key(i) > id_key(self.g.last_delivered))
-        return {"lag": lag, "pending": len(self.g.pel)}
+        return {"lag": lag, "backlog": min(lag, count_up_to), "pending": len(self.g.pel)}
 
     async def trim_acked(self, min_age_ms: int) -> int:
         floor = min([id_key(self.g.last_delivered), *(id_key(i) for i in self.g.pel)])

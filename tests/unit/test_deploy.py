@@ -27,14 +27,6 @@ MONITORING = ROOT / "containers/monitoring"
 # An old minor that managed clusters still run (extended support) and the newest the validator knows.
 KUBERNETES_VERSIONS = ("1.30", kubernetes_validate.latest_version())
 
-# Metrics the rules, the dashboard or the KEDA Prometheus trigger read that the worker does not export
-# yet. Each is a proposal for sentiment/monitor.py (issue 16); when one lands, remove it here: the tests
-# fail while a name is both listed and exported, or used and neither.
-EXPECTED_MISSING_METRICS = frozenset(
-    {
-        "sentiment_backlog_entries",  # gauge: the worker's own count of undelivered entries
-    }
-)
 PROMETHEUS_OWN = frozenset({"up"})  # written by Prometheus for every target
 
 
@@ -242,8 +234,8 @@ def test_every_alert_is_tested_firing_and_silent() -> None:
 
 def test_metrics_used_exist_in_the_worker() -> None:
     used, exported = used_metrics(), exported_metrics()
-    assert used - exported - PROMETHEUS_OWN == EXPECTED_MISSING_METRICS
-    assert not EXPECTED_MISSING_METRICS & exported, "exported now: remove it from EXPECTED_MISSING_METRICS"
+    # Every metric the rules, the dashboard and the KEDA Prometheus trigger read, the worker exports.
+    assert used - exported - PROMETHEUS_OWN == set()
 
 
 def test_dashboard_is_well_formed() -> None:

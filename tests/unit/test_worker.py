@@ -288,7 +288,7 @@ async def test_stop_during_startup_while_redis_is_down_returns(autojump_clock: C
             worker.stop()
 
 
-async def test_summary_line_every_30s_has_rate_lag_and_errors(
+async def test_summary_line_every_30s_has_rate_backlog_and_errors(
     autojump_clock: Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
     group, store = FakeGroup(), FakeStore()
@@ -300,7 +300,7 @@ async def test_summary_line_every_30s_has_rate_lag_and_errors(
         await trio.sleep(31)
         worker.stop()
     [line] = [r.getMessage() for r in caplog.records if "posts/s" in r.getMessage()]
-    assert "lag 0" in line and "written 20" in line and "analysis errors 0" in line
+    assert "backlog 0" in line and "written 20" in line and "analysis errors 0" in line
 
 
 class RecoveringAnalyzer(FakeAnalyzer):
