@@ -26,7 +26,7 @@ from typing import Protocol
 
 import attrs
 
-from .post import entry_bytes
+from .post import Measured, entry_bytes
 
 LAYOUT = b"2"
 FIELD_PREFIX = b"f:"
@@ -97,9 +97,11 @@ def encode(
     deliveries: int,
     consumer: str,
     now_ms: int,
-    max_bytes: int,
+    max_bytes: int | None,
+    measured: Measured | None = None,
 ) -> dict[bytes, bytes]:
-    """The dead-letter entry for one rejected entry; an entry over `max_bytes` is copied in part."""
+    """The dead-letter entry for one rejected entry; an entry over `max_bytes` is copied in part (None:
+    copied whole)."""
     out = {
         b"layout": LAYOUT,
         b"reason": _text(reason),
@@ -110,8 +112,15 @@ def encode(
         b"consumer": _text(consumer),
         b"dead_at_ms": str(now_ms).encode(),
     }
+    if measured is not None:  # already cut to size in Redis (stream.peek_oversized)
+        out.update({FIELD_PREFIX + k: v for k, v in fields.items()})
+        out[b"truncated"] = (
+            f"original entry: {measured.fields} fields, {measured.bytes} bytes, measured in Redis (too "
+            f"large to read); this copy keeps {len(fields)} fields, {entry_bytes(fields)} bytes"
+        ).encode()
+        return out
     total = entry_bytes(fields)
-    if total <= max_bytes:
+    if max_bytes is None or total <= max_bytes:
         out.update({FIELD_PREFIX + k: v for k, v in fields.items()})
         return out
     # An oversized entry is kept only in part, so a flood of huge entries cannot double Redis's memory.

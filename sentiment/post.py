@@ -39,6 +39,20 @@ class Limits:
         if size > self.entry_bytes:
             raise InvalidPost(f"entry is {size} bytes, over the limit of {self.entry_bytes}")
 
+    def measured_reason(self, measured: Measured) -> str:
+        return (
+            f"entry is {measured.bytes} bytes in {measured.fields} fields, over the limits of "
+            f"{self.entry_bytes} bytes and {self.fields} fields (measured in Redis: too large to read)"
+        )
+
+
+@attrs.frozen
+class Measured:
+    """What Redis measured of an entry too large to read: its bytes (names and values) and fields."""
+
+    bytes: int
+    fields: int
+
 
 def entry_bytes(fields: Mapping[bytes, bytes]) -> int:
     return sum(len(k) + len(v) for k, v in fields.items())

@@ -113,7 +113,7 @@ class Processor:
         for post, error in failed:
             entry, n = by_id[post.entry_id], counts[post.entry_id]
             if n >= max_attempts:
-                dead.append(DeadLetter(entry, f"analysis failed {n} times: {error}"))
+                dead.append(DeadLetter(entry, f"analysis failed {n} times: {error}", whole=True))
                 continue
             log.warning(
                 "analysis failed for entry %s (attempt %d of %d): %s",
@@ -127,6 +127,9 @@ class Processor:
         return Analysed(tuple(records), tuple(dead), tuple(retry), inference_s, tuple(entries))
 
     def _parse(self, entry: Entry, posts: list[Post], dead: list[DeadLetter]) -> None:
+        if entry.measured is not None:
+            dead.append(DeadLetter(entry, f"invalid post: {self.limits.measured_reason(entry.measured)}"))
+            return
         try:
             posts.append(Post.from_fields(entry.id, entry.fields, self.limits))
         except InvalidPost as exc:
@@ -209,25 +212,15 @@ class Processor:
         the worker's hard stop after the grace period, which leaves the entries pending (never acked
         early). An entry is acked only once its rows are committed or its dead-letter copy is stored."""
         by_id = {e.id: e for e in analysed.entries}
-        records, repeats, dead = _one_per_post(analysed.records, by_id)
-        dead.extend(analysed.dead)
+        dead = list(analysed.dead)
         written: list[Record] = []
-        duplicates = len(repeats)
-        if records:
-            try:
-                result = await retrying(self.postgres, self.store.write, records)
-                written, conflicts = records, set(result.conflicts)
-                duplicates += len(records) - result.analyses_inserted - len(conflicts)
-            except StoreError:
-                written, conflicts, rejected, dups = await self._write_one_by_one(records, by_id)
-                dead.extend(rejected)
-                duplicates += dups
-            for record in written:
-                if record.post.entry_id in conflicts:
-                    reason = f"post_id {record.post.post_id!r} is already stored with other content"
-                    dead.append(DeadLetter(by_id[record.post.entry_id], reason))
-            written = [r for r in written if r.post.entry_id not in conflicts]
-        stored = [r.post.entry_id for r in written] + [e.id for e in repeats]
+        duplicates = 0
+        for records in _rounds(analysed.records):
+            ok, rejected, dups = await self._write(records, by_id)
+            written += ok
+            dead += rejected
+            duplicates += dups
+        stored = [r.post.entry_id for r in written]
         await retrying(self.redis, self.stream.ack, stored)
         if dead:
             # Acked only once its copy is stored; `tried` is kept across retries to find a copy whose
@@ -235,9 +228,10 @@ class Processor:
             tried: dict[str, str] = {}
             await retrying(self.redis, self.stream.dead_letter, dead, tried)
             await retrying(self.redis, self.stream.ack, [d.entry.id for d in dead])
-        # Only a redelivered entry can have attempt counts to drop.
-        done = stored + [d.entry.id for d in dead]
-        await retrying(self.redis, self.stream.forget, [i for i in done if by_id[i].deliveries > 1])
+        # Counts and marks to drop: a dead-lettered entry's (its dead-letter ID, perhaps a failure count
+        # on its first delivery), a redelivered one's. A first delivery written at once has none.
+        done = [i for i in stored if by_id[i].deliveries > 1] + [d.entry.id for d in dead]
+        await retrying(self.redis, self.stream.forget, done)
         for letter in dead:
             log.warning(
                 "dead-lettered entry %s: %s",
@@ -245,7 +239,24 @@ class Processor:
                 letter.reason,
                 extra={"entry_id": letter.entry.id},
             )
-        return Outcome(len(written) + len(repeats), duplicates, len(dead), len(analysed.retry))
+        return Outcome(len(written), duplicates, len(dead), len(analysed.retry))
+
+    async def _write(
+        self, records: list[Record], by_id: dict[str, Entry]
+    ) -> tuple[list[Record], list[DeadLetter], int]:
+        """One transaction for the rows (else row by row): the records written (new or duplicates), the
+        entries to dead-letter (rejected, or a post_id already stored with other content), duplicates."""
+        try:
+            result = await retrying(self.postgres, self.store.write, records)
+            written, conflicts, dead = records, set(result.conflicts), list[DeadLetter]()
+            duplicates = len(records) - result.analyses_inserted - len(conflicts)
+        except StoreError:
+            written, conflicts, dead, duplicates = await self._write_one_by_one(records, by_id)
+        for record in written:
+            if record.post.entry_id in conflicts:
+                reason = f"post_id {record.post.post_id!r} is already stored with other content"
+                dead.append(DeadLetter(by_id[record.post.entry_id], reason, whole=True))
+        return [r for r in written if r.post.entry_id not in conflicts], dead, duplicates
 
     async def _write_one_by_one(
         self, records: list[Record], by_id: dict[str, Entry]
@@ -258,7 +269,8 @@ class Processor:
             try:
                 result = await retrying(self.postgres, self.store.write, [record])
             except StoreError as exc:
-                rejected.append(DeadLetter(by_id[record.post.entry_id], f"rejected by PostgreSQL: {exc}"))
+                reason = f"rejected by PostgreSQL: {exc}"
+                rejected.append(DeadLetter(by_id[record.post.entry_id], reason, whole=True))
                 continue
             written.append(record)
             conflicts.update(result.conflicts)
@@ -266,27 +278,16 @@ class Processor:
         return written, conflicts, rejected, duplicates
 
 
-def _one_per_post(
-    records: Sequence[Record], by_id: dict[str, Entry]
-) -> tuple[list[Record], list[Entry], list[DeadLetter]]:
-    """Within one batch, the first entry of a post_id (in stream order) is the one written. A later one
-    with the same content is a repeat (acked, nothing written); with other content it is dead-lettered:
-    a post_id names one post."""
-    first: dict[str, Record] = {}
-    repeats: list[Entry] = []
-    dead: list[DeadLetter] = []
+def _rounds(records: Sequence[Record]) -> list[list[Record]]:
+    """The records in writing rounds: round k holds the k-th entry (in stream order) of each post_id of
+    the batch. Each copy of a post_id is written after the ones before it and meets what they stored, as
+    if they had come in separate batches: the same content is a duplicate, other content a conflict."""
+    rounds: list[list[Record]] = []
+    seen: dict[str, int] = {}
     for record in sorted(records, key=lambda r: id_key(r.post.entry_id)):
-        post = record.post
-        seen = first.setdefault(post.post_id, record)
-        if seen is record:
-            continue
-        entry = by_id[post.entry_id]
-        if seen.post.content == post.content:
-            repeats.append(entry)
-        else:
-            reason = (
-                f"post_id {post.post_id!r} was already used by entry {seen.post.entry_id} of the same "
-                "batch, with other content"
-            )
-            dead.append(DeadLetter(entry, reason))
-    return list(first.values()), repeats, dead
+        k = seen.get(record.post.post_id, 0)
+        seen[record.post.post_id] = k + 1
+        if k == len(rounds):
+            rounds.append([])
+        rounds[k].append(record)
+    return rounds

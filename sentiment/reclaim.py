@@ -16,23 +16,39 @@ import trio
 from .parts import Parts
 from .processor import Processor
 from .retry import Health, retrying
-from .stream import Claimed, PendingEntry, Stream
+from .stream import Claimed, Entry, PendingEntry, Stream
 
 
-async def page_size(
+@attrs.frozen
+class Page:
+    """How many pending entries to take at once, or the next one measured in Redis as too large to read
+    (then taken without its body, and dead-lettered from the copy of its first bytes)."""
+
+    size: int
+    oversized: Entry | None = None
+
+
+async def next_page(
     parts: Parts, start: str, *, own: bool, idle_ms: int | None, batch_size: int, max_deliveries: int
-) -> int:
-    """How many pending entries to take at once: `batch_size`, or 1 when the next page holds an entry
-    delivered more than `max_deliveries` times. Reading a batch of huge entries may be what killed the
-    workers before (memory); one at a time, each is read, bounded and dead-lettered on its own."""
+) -> Page:
+    """`batch_size`, or 1 when the next page holds an entry delivered more than `max_deliveries` times.
+    Reading a batch of huge entries may be what killed the workers before (memory); one at a time, each
+    is read, bounded and dead-lettered on its own. Such an entry next in line is first measured where it
+    lies: one too large even alone is never read."""
     ahead = await retrying(
         parts.redis, partial(parts.stream.pending, batch_size, own=own, idle_ms=idle_ms, start=start)
     )
-    return 1 if any(p.deliveries > max_deliveries for p in ahead) else batch_size
+    if not any(p.deliveries > max_deliveries for p in ahead):
+        return Page(batch_size)
+    if ahead[0].deliveries > max_deliveries:
+        big = await retrying(parts.redis, parts.stream.peek_oversized, ahead[0].id)
+        if big is not None:
+            return Page(1, attrs.evolve(big, deliveries=ahead[0].deliveries))
+    return Page(1)
 
 
 async def claimed_pages(
-    stream: Stream, redis: Health, min_idle_ms: int, size: Callable[[str], Awaitable[int]]
+    stream: Stream, redis: Health, min_idle_ms: int, size: Callable[[str], Awaitable[Page]]
 ) -> AsyncGenerator[Claimed, None]:
     """One pass of XAUTOCLAIM over the group's pending list, from 0-0 until the cursor comes back: each
     page of entries idle for `min_idle_ms` or more, now ours. `size(start)` says how many to take from
@@ -40,8 +56,13 @@ async def claimed_pages(
     and reported in the page."""
     cursor = "0-0"
     while True:
-        count = await size("-" if cursor == "0-0" else cursor)
-        claimed = await retrying(redis, stream.autoclaim, cursor, min_idle_ms, count)
+        page = await size("-" if cursor == "0-0" else cursor)
+        if page.oversized is not None:
+            # Claimed without its body (JUSTID); the page holds the copy Redis cut, if it is still ours.
+            cursor, ids = await retrying(redis, stream.autoclaim_ids, cursor, min_idle_ms, 1)
+            claimed = Claimed(cursor, (page.oversized,) if ids == [page.oversized.id] else (), ())
+        else:
+            claimed = await retrying(redis, stream.autoclaim, cursor, min_idle_ms, page.size)
         if claimed.deleted:
             await retrying(redis, stream.ack, list(claimed.deleted))
         yield claimed
@@ -73,8 +94,8 @@ async def reclaim(
     report = ReclaimReport()
     await processor.prepare()
 
-    async def size(start: str) -> int:
-        return await page_size(
+    async def size(start: str) -> Page:
+        return await next_page(
             parts, start, own=False, idle_ms=min_idle_ms, batch_size=batch_size, max_deliveries=max_deliveries
         )
 

@@ -50,6 +50,21 @@ def decode(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+@asynccontextmanager
+async def asyncio_loop() -> AsyncIterator[None]:
+    """The asyncio loop redis.asyncio runs on, unless one is open already (several workers in one
+    process). A MemoryError in its transport, receiving an entry too large to hold, surfaces from the
+    loop rather than from a command: it is mapped to OutOfMemory here too."""
+    if trio_asyncio.current_loop.get() is not None:
+        yield
+        return
+    try:
+        async with trio_asyncio.open_loop():
+            yield
+    except* MemoryError:
+        raise RedisClient._out_of_memory() from None
+
+
 class RedisClient:
     def __init__(self, raw: aioredis.Redis, url: str) -> None:
         self.raw = raw  # for pipelines; their execute() goes through call() too
@@ -104,7 +119,7 @@ class RedisClient:
     def _out_of_memory() -> OutOfMemory:
         # Entries too large to hold together (hiredis reports it as MemoryError or as an invalid reply).
         # The process stops; the next start reads entries delivered more than MAX_DELIVERIES times one
-        # at a time (reclaim.page_size).
+        # at a time (reclaim.next_page).
         return OutOfMemory(
             "out of memory reading entries from Redis: they stay pending, and once delivered more than "
             "MAX_DELIVERIES times they are read one at a time"

@@ -175,19 +175,20 @@ WHERE a.model <> %(current)s AND (%(only)s::text IS NULL OR a.model = %(only)s) 
 ORDER BY a.post_id
 LIMIT %(limit)s
 """
-_WRITABLE = """
-SELECT has_table_privilege('social_media_posts', 'INSERT'),
-       has_table_privilege('sentiment_analysis', 'INSERT'),
-       has_sequence_privilege(pg_get_serial_sequence('sentiment_analysis', 'id'), 'USAGE'),
-       has_database_privilege(current_database(), 'TEMPORARY'),
-       current_user
-"""
+# What the worker's write needs (README, "Storage"): the JOINs and the conflict query read both tables.
 _NEEDED = (
-    "INSERT on social_media_posts",
-    "INSERT on sentiment_analysis",
-    "USAGE on the sequence of sentiment_analysis.id",
-    "TEMPORARY on the database",
+    *(
+        (f"has_table_privilege('{table}', '{privilege}')", f"{privilege} on {table}")
+        for table in ("social_media_posts", "sentiment_analysis")
+        for privilege in ("INSERT", "SELECT")
+    ),
+    (
+        "has_sequence_privilege(pg_get_serial_sequence('sentiment_analysis', 'id'), 'USAGE')",
+        "USAGE on the sequence of sentiment_analysis.id",
+    ),
+    ("has_database_privilege(current_database(), 'TEMPORARY')", "TEMPORARY on the database"),
 )
+_WRITABLE = f"SELECT {', '.join(check for check, _ in _NEEDED)}, current_user"
 
 
 def prepare_connection(conn: psycopg.Connection[Any]) -> None:
@@ -302,10 +303,10 @@ class PostgresStore:
         def check(conn: psycopg.Connection[Any]) -> None:
             row = conn.execute(_WRITABLE).fetchone()
             assert row is not None
-            missing = [what for ok, what in zip(row[:4], _NEEDED, strict=True) if not ok]
+            missing = [what for ok, (_, what) in zip(row[:-1], _NEEDED, strict=True) if not ok]
             if missing:
                 raise StoreFailure(
-                    f"PostgreSQL role {row[4]} lacks {', '.join(missing)}: the worker waits (readyz 503) "
+                    f"PostgreSQL role {row[-1]} lacks {', '.join(missing)}: the worker waits (readyz 503) "
                     "until it is granted"
                 )
 

@@ -13,6 +13,7 @@ import redis.exceptions as rex
 
 from . import deadletter
 from .errors import ConfigError, StreamUnavailable
+from .post import Measured
 from .redact import one_line
 from .redis_client import NoGroup, RedisClient, decode, no_such_key
 
@@ -24,6 +25,9 @@ class Entry:
     id: str
     fields: Mapping[bytes, bytes]
     deliveries: int = 1
+    # Set on an entry over the raw bounds measured in Redis without reading it (see peek_oversized):
+    # `fields` then holds only its first bytes.
+    measured: Measured | None = None
 
 
 @attrs.frozen
@@ -47,6 +51,9 @@ class PendingEntry:
 class DeadLetter:
     entry: Entry
     reason: str = attrs.field(converter=one_line)
+    # A valid post (its analysis or its row failed): copied whole, whatever DEAD_LETTER_MAX_BYTES says,
+    # so that a replay after the fix brings it back. Its size is bounded by MAX_ENTRY_BYTES already.
+    whole: bool = False
 
 
 class Stream(Protocol):
@@ -56,6 +63,8 @@ class Stream(Protocol):
     async def check_keys(self) -> None: ...
     async def read(self, start: str, count: int, block_ms: int | None) -> tuple[list[Entry], list[str]]: ...
     async def autoclaim(self, cursor: str, min_idle_ms: int, count: int) -> Claimed: ...
+    async def autoclaim_ids(self, cursor: str, min_idle_ms: int, count: int) -> tuple[str, list[str]]: ...
+    async def peek_oversized(self, entry_id: str) -> Entry | None: ...
     async def with_deliveries(self, entries: Sequence[Entry]) -> list[Entry]: ...
     async def ack(self, ids: Sequence[str]) -> None: ...
     async def dead_letter(self, letters: Sequence[DeadLetter], tried: dict[str, str]) -> None: ...
@@ -85,6 +94,8 @@ class RedisStream:
         dead_letter: str,
         attempts: str,
         dead_letter_max_bytes: int,
+        max_entry_bytes: int,
+        max_entry_fields: int,
     ) -> None:
         self._client = client
         self._redis = client.raw
@@ -94,6 +105,8 @@ class RedisStream:
         self.dead = dead_letter
         self.attempts = attempts
         self.dead_letter_max_bytes = dead_letter_max_bytes
+        self.max_entry_bytes = max_entry_bytes
+        self.max_entry_fields = max_entry_fields
 
     async def _call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         try:
@@ -166,6 +179,40 @@ class RedisStream:
         entries = [Entry(decode(i), f) for i, f in items if i is not None and f]
         return Claimed(decode(next_cursor), tuple(await self.with_deliveries(entries)), deleted)
 
+    async def autoclaim_ids(self, cursor: str, min_idle_ms: int, count: int) -> tuple[str, list[str]]:
+        """XAUTOCLAIM … JUSTID: the entries become ours without their bodies being sent."""
+        reply = await self._call(
+            self._redis.xautoclaim,
+            self.name,
+            self.group,
+            self.consumer,
+            min_idle_ms,
+            start_id=cursor,
+            count=count,
+            justid=True,
+        )
+        return decode(reply[0]), [decode(i) for i in reply[1]]
+
+    async def peek_oversized(self, entry_id: str) -> Entry | None:
+        """The entry measured inside Redis: None if it is within the raw bounds (or gone), else a copy of
+        its first DEAD_LETTER_MAX_BYTES with `measured` set. An entry too large for the worker's memory
+        kills every process that reads it; this never sends it whole."""
+        reply: Any = await self._call(
+            self._redis.eval,
+            _PEEK,
+            1,
+            self.name,
+            entry_id,
+            self.max_entry_bytes,
+            self.max_entry_fields,
+            self.dead_letter_max_bytes,
+        )
+        if not reply:
+            return None
+        size, count, flat = reply
+        fields = dict(zip(flat[::2], flat[1::2], strict=True))
+        return Entry(entry_id, fields, measured=Measured(int(size), int(count)))
+
     async def with_deliveries(self, entries: Sequence[Entry]) -> list[Entry]:
         """The same entries with their delivery counts (XPENDING), for redelivered ones."""
         if not entries:
@@ -191,10 +238,16 @@ class RedisStream:
         """Store a copy of each entry in the dead-letter stream; acking is the caller's next step.
 
         No MULTI: Redis runs the XACK of a MULTI even when its XADD fails. Each copy gets an ID we
-        choose, recorded in `tried` (entry ID → dead-letter ID; the caller keeps it across retries), so a
-        try whose reply was lost is found by that ID instead of being added twice."""
+        choose, recorded in `tried` (entry ID → dead-letter ID; the caller keeps it across retries) and,
+        before the XADD, in the attempts hash (`<entry ID>:dead`, dropped by `forget` after the XACK): a
+        try whose reply was lost, or whose process died before the XACK, is found by that ID instead of
+        being added twice."""
         if not letters:
             return
+        unknown = [x.entry.id for x in letters if x.entry.id not in tried]
+        if unknown:
+            earlier: Any = await self._call(self._redis.hmget, self.attempts, [f"{i}:dead" for i in unknown])
+            tried.update({i: decode(d) for i, d in zip(unknown, earlier, strict=True) if d})
         landed = await self._landed([(x.entry.id, tried[x.entry.id]) for x in letters if x.entry.id in tried])
         todo = [x for x in letters if x.entry.id not in landed]
         if not todo:
@@ -213,6 +266,7 @@ class RedisStream:
         for i, letter in enumerate(todo):
             dead_id = f"{base_ms}-{base_seq + i}"
             tried[letter.entry.id] = dead_id
+            pipe.hset(self.attempts, f"{letter.entry.id}:dead", dead_id)
             fields = deadletter.encode(
                 fields=letter.entry.fields,
                 reason=letter.reason,
@@ -222,7 +276,8 @@ class RedisStream:
                 deliveries=letter.entry.deliveries,
                 consumer=self.consumer,
                 now_ms=now_ms,
-                max_bytes=self.dead_letter_max_bytes,
+                max_bytes=None if letter.whole else self.dead_letter_max_bytes,
+                measured=letter.entry.measured,
             )
             pipe.xadd(self.dead, fields, id=dead_id)  # type: ignore[arg-type]
         results: Any = await self._call(pipe.execute, raise_on_error=False)
@@ -272,7 +327,8 @@ class RedisStream:
     # Redis counts deliveries, and they rise on every crash, restart and reclaim. What counts against
     # MAX_DELIVERIES is kept here instead, in one hash per stream and group: `<entry ID>` counts the
     # failures that were the entry's own (its text made the model fail); `<entry ID>:solo` counts
-    # analyses of the entry on its own that began and never ended (the process died with it).
+    # analyses of the entry on its own that began and never ended (the process died with it);
+    # `<entry ID>:dead` is the ID its dead-letter copy was given (see dead_letter).
 
     async def count_failures(self, ids: Sequence[str]) -> dict[str, int]:
         if not ids:
@@ -290,9 +346,10 @@ class RedisStream:
         await self._call(self._redis.hdel, self.attempts, f"{entry_id}:solo")
 
     async def forget(self, ids: Sequence[str]) -> None:
-        """Drop the counts of entries that are done (acked)."""
+        """Drop the counts and marks of entries that are done (acked)."""
         if ids:
-            await self._call(self._redis.hdel, self.attempts, *ids, *(f"{i}:solo" for i in ids))
+            marks = [f"{i}{mark}" for i in ids for mark in ("", ":solo", ":dead")]
+            await self._call(self._redis.hdel, self.attempts, *marks)
 
     # -- the dead-letter stream, for the operator's commands -------------------------------------------
 
@@ -433,6 +490,28 @@ class RedisStream:
         return int(
             await self._call(self._redis.xtrim, self.name, minid=f"{floor[0]}-{floor[1]}", approximate=False)
         )
+
+
+# One entry's size, measured where it lies (ARGV: ID, byte and field bounds, bytes to copy). Within the
+# bounds: nil. Over them: its bytes, its field count, and its first fields cut to the copy budget (names
+# to 1 KB). Lua's copy of the entry lives in Redis only for the call.
+_PEEK = """
+local found = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
+if #found == 0 then return false end
+local flat, size = found[1][2], 0
+for i = 1, #flat do size = size + #flat[i] end
+if size <= tonumber(ARGV[2]) and #flat / 2 <= tonumber(ARGV[3]) then return false end
+local copy, budget = {}, tonumber(ARGV[4])
+for i = 1, #flat, 2 do
+  if budget <= 0 then break end
+  local name = string.sub(flat[i], 1, math.min(budget, 1024))
+  local value = string.sub(flat[i + 1], 1, math.max(budget - #name, 0))
+  copy[#copy + 1] = name
+  copy[#copy + 1] = value
+  budget = budget - #name - #value
+end
+return {size, #flat / 2, copy}
+"""
 
 
 def id_key(entry_id: str) -> tuple[int, int]:

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import trio
-import trio_asyncio
 
 from .analysis import Analyzer
 from .cache import ResultCache
@@ -19,7 +18,7 @@ from .post import Limits
 from .processor import Processor
 from .reclaim import ReclaimReport, reclaim
 from .redact import mask_url
-from .redis_client import RedisClient
+from .redis_client import RedisClient, asyncio_loop
 from .shutdown import stop_on_signal
 from .store import PostgresStore
 from .stream import RedisStream
@@ -64,10 +63,8 @@ def _llm(settings: Settings) -> Analyzer:
 async def open_stream(settings: Settings) -> AsyncIterator[RedisStream]:
     """The stream, its dead-letter stream and attempt counts, on Redis."""
     async with AsyncExitStack() as stack:
-        # One asyncio loop for the whole run (redis.asyncio lives on it): opened here unless the caller
-        # has one open already, as when several workers share a process.
-        if trio_asyncio.current_loop.get() is None:
-            await stack.enter_async_context(trio_asyncio.open_loop())
+        # One asyncio loop for the whole run (redis.asyncio lives on it).
+        await stack.enter_async_context(asyncio_loop())
         # Longer than any XREADGROUP BLOCK, so a blocked read is never taken for a dead connection.
         timeout = settings.block_ms / 1000 + 10
         client = await stack.enter_async_context(
@@ -81,6 +78,8 @@ async def open_stream(settings: Settings) -> AsyncIterator[RedisStream]:
             dead_letter=settings.dead_letter,
             attempts=settings.attempts_key,
             dead_letter_max_bytes=settings.dead_letter_max_bytes,
+            max_entry_bytes=settings.max_entry_bytes,
+            max_entry_fields=settings.max_entry_fields,
         )
 
 

@@ -24,7 +24,7 @@ import trio
 from .errors import TransientError
 from .parts import Parts
 from .processor import Analysed, Outcome, Processor
-from .reclaim import claimed_pages, page_size
+from .reclaim import Page, claimed_pages, next_page
 from .retry import retrying
 from .stream import Entry, id_key
 
@@ -163,8 +163,12 @@ class Worker:
             # Our own pending entries first (a restart under the same CONSUMER_NAME), paging by ID.
             cursor = "0"
             while True:
-                count = await self._page_size("-" if cursor == "0" else f"({cursor}", own=True, idle_ms=None)
-                entries, deleted = await retrying(p.redis, p.stream.read, cursor, count, None)
+                page = await self._next_page("-" if cursor == "0" else f"({cursor}", own=True, idle_ms=None)
+                if page.oversized is not None:  # ours already: not read, dead-lettered from Redis's copy
+                    cursor = page.oversized.id
+                    await self._send(send, [page.oversized])
+                    continue
+                entries, deleted = await retrying(p.redis, p.stream.read, cursor, page.size, None)
                 await self._ack_deleted(deleted)
                 if not entries and not deleted:
                     break
@@ -190,11 +194,11 @@ class Worker:
         # just before the claim, or just after it.
         busy: set[str] = set()
 
-        async def size(start: str) -> int:
-            count = await self._page_size(start, own=False, idle_ms=s.claim_min_idle_ms)
+        async def size(start: str) -> Page:
+            page = await self._next_page(start, own=False, idle_ms=s.claim_min_idle_ms)
             busy.clear()
             busy.update(self.inflight)
-            return count
+            return page
 
         with send, self._intake[1]:
             await self._own_pending_read.wait()
@@ -345,9 +349,9 @@ class Worker:
 
     # -- helpers -----------------------------------------------------------------------------------------
 
-    async def _page_size(self, start: str, *, own: bool, idle_ms: int | None) -> int:
+    async def _next_page(self, start: str, *, own: bool, idle_ms: int | None) -> Page:
         s = self.options
-        return await page_size(
+        return await next_page(
             self.parts,
             start,
             own=own,

@@ -146,6 +146,34 @@ def test_crashes_caused_by_the_environment_never_dead_letter_a_post(
     assert stored == set(ids)
 
 
+def test_a_role_that_may_insert_but_not_select_reads_nothing(
+    settings: Settings, rds: redis.Redis, reader_role: tuple[str, str, str]
+) -> None:
+    # The write reads both tables (its JOINs and the conflict query): INSERT alone is not enough, and
+    # a worker that read entries it then cannot write would only hold them pending.
+    ids = publish(rds, settings.stream, 5)
+    assert run_cli(["-m", "sentiment", "migrate"], worker_env(settings)).returncode == 0
+    dsn, role, schema = reader_role
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        conn.execute(f"GRANT USAGE ON SCHEMA {schema} TO {role}")
+        conn.execute(f"GRANT SELECT ON {schema}.schema_version TO {role}")
+        conn.execute(f"GRANT INSERT ON {schema}.social_media_posts, {schema}.sentiment_analysis TO {role}")
+        conn.execute(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA {schema} TO {role}")
+    port = free_port()
+    proc = start(worker_env(settings, DATABASE_URL=dsn, METRICS_PORT=str(port)))
+    try:
+        wait_for(lambda: "lacks SELECT on social_media_posts" in readyz_text(port), "readyz to say why")
+        time.sleep(0.5)
+        assert rds.xinfo_groups(settings.stream)[0]["entries-read"] is None  # nothing read
+        with psycopg.connect(settings.database_url, autocommit=True) as conn:
+            conn.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {role}")
+        wait_for(lambda: rows(settings.database_url) == len(ids), "the rows once SELECT is granted")
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    assert rds.xpending(settings.stream, settings.group)["pending"] == 0
+
+
 def test_an_llm_outage_or_a_bad_key_is_waited_out_not_dead_lettered(
     settings: Settings, rds: redis.Redis
 ) -> None:
@@ -219,7 +247,8 @@ def _limit_memory() -> None:
 
 def test_a_batch_too_large_to_read_is_read_one_by_one_after_max_deliveries(settings: Settings) -> None:
     """Huge entries that kill the reader (memory) before any bound can look at them: at most
-    MAX_DELIVERIES + 1 crashes, then they are read one at a time and dead-lettered as oversized."""
+    MAX_DELIVERIES + 1 crashes, then they are measured in Redis one at a time and dead-lettered as
+    oversized, never read again: one of them (600 MB) is more than the worker can hold even alone."""
     work = make_workdir()
     server = ThrowawayRedis(work / "redis", extra_args=("--appendonly", "no"))
     server.start()
@@ -227,6 +256,7 @@ def test_a_batch_too_large_to_read_is_read_one_by_one_after_max_deliveries(setti
         client = redis.Redis.from_url(server.url)
         for i in range(24):
             client.xadd(settings.stream, {"post_id": f"huge{i}", "content": b"x" * 30_000_000})
+        giant = client.xadd(settings.stream, {"content": b"y" * 300_000_000, "more": b"z" * 300_000_000})
         client.xadd(settings.stream, {"post_id": "ok", "content": "fine"})
         env = worker_env(
             attrs.evolve(settings, redis_url=server.url),
@@ -253,7 +283,12 @@ def test_a_batch_too_large_to_read_is_read_one_by_one_after_max_deliveries(setti
             crashes += 1
         assert result.returncode == 0 and crashes <= MAX_DELIVERIES + 1
         assert rows(settings.database_url) == 1
-        assert client.xlen(settings.dead_letter) == 24
+        dead = dead_letters(client, settings.dead_letter)
+        assert len(dead) == 25 and dead[giant.decode()].reason.startswith(
+            "invalid post: entry is 600000011 bytes in 2 fields, over the limits"
+        )
+        assert "measured in Redis" in dead[giant.decode()].truncated
+        assert sum(len(k) + len(v) for k, v in dead[giant.decode()].original.items()) <= 65536
         assert client.xpending(settings.stream, settings.group)["pending"] == 0
         client.close()
     finally:

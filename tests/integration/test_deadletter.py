@@ -5,6 +5,7 @@ operator's replay, and one current analysis per post."""
 from __future__ import annotations
 
 import json
+import uuid
 
 import attrs
 import psycopg
@@ -96,18 +97,47 @@ def test_a_connection_cut_at_the_dead_letter_write_leaves_one_copy(
     assert rds.xpending(settings.stream, settings.group)["pending"] == 0
 
 
+def test_a_worker_killed_between_the_dead_letter_copy_and_its_ack_leaves_one_copy(
+    settings: Settings, rds: redis.Redis
+) -> None:
+    # A Redis user that may do everything but XACK stands for a worker that dies (SIGKILL, OOM, the
+    # grace period's end) after its dead-letter XADD and before the XACK: the next worker must find
+    # the copies, not add them again.
+    user = f"noack_{uuid.uuid4().hex[:8]}"
+    rds.acl_setuser(user, enabled=True, nopass=True, categories=["+@all"], commands=["-xack"], keys=["*"])
+    try:
+        bad = [rds.xadd(settings.stream, INVALID | {"post_id": f"bad{i}"}).decode() for i in range(3)]
+        no_ack = attrs.evolve(settings, redis_url=f"redis://{user}@127.0.0.1:6379/0")
+        proc = start_worker(worker_env(no_ack, CONSUMER_NAME="dies"))
+        try:
+            wait_for(lambda: rds.xlen(settings.dead_letter) == 3, "the dead-letter copies")
+            assert rds.xpending(settings.stream, settings.group)["pending"] == 3
+        finally:
+            proc.kill()
+            proc.communicate(timeout=30)
+    finally:
+        rds.acl_deluser(user)
+    drain(settings, CONSUMER_NAME="dies")  # its own pending entries, read again after the restart
+    assert set(dead_letters(rds, settings.dead_letter)) == set(bad)  # one copy each
+    assert rds.xpending(settings.stream, settings.group)["pending"] == 0
+    assert rds.hlen(f"{settings.stream}:attempts:{settings.group}") == 0  # nothing left behind
+
+
 def test_replay_after_the_cause_is_fixed_writes_each_post_once(settings: Settings, rds: redis.Redis) -> None:
     with llm_server() as (url, script):
         llm = attrs.evolve(settings, model_type="llm")
         env = llm_env(url, MAX_DELIVERIES="2", CLAIM_MIN_IDLE_MS="200", RECLAIM_INTERVAL_MS="100")
-        for i in range(10):
+        for i in range(9):
             rds.xadd(settings.stream, {"post_id": f"r{i}", "content": f"refused text {i}"})
+        # A valid post over DEAD_LETTER_MAX_BYTES (65536) and under MAX_CONTENT_BYTES: copied whole.
+        rds.xadd(settings.stream, {"post_id": "r9", "content": "refused text 9 " + "long " * 14_000})
         # The provider refuses these texts as such (HTTP 400), and answers others (the probe): each
         # refusal is an attempt of the text.
         script.reject_text = "refused text"
         drain(llm, **env)
         dead = dead_letters(rds, settings.dead_letter)
         assert len(dead) == 10 and all("analysis failed 2 times" in d.reason for d in dead.values())
+        assert not [d for d in dead.values() if d.truncated]
         assert rows(settings.database_url) == 0
 
         script.reject_text = None  # fixed
@@ -153,11 +183,14 @@ def test_one_post_one_current_analysis(settings: Settings, rds: redis.Redis) -> 
         rds.xadd(settings.stream, {"post_id": "p1", "content": "first version"})
         rds.xadd(settings.stream, {"post_id": "p3", "content": "new"})
         drain(settings, **llm_env(url))
-    # A post_id reused with other content, against the stored post and within one batch.
-    rds.xadd(settings.stream, {"post_id": "p1", "content": "other text"})
-    first_p2 = rds.xadd(settings.stream, {"post_id": "p2", "content": "a"}).decode()
+    # A post_id reused with other content, against the stored post and within one batch: each entry
+    # of a post_id meets what the ones before it stored, as if it came in a batch of its own.
+    other_p1 = [rds.xadd(settings.stream, {"post_id": "p1", "content": "other text"}) for _ in range(2)]
     rds.xadd(settings.stream, {"post_id": "p2", "content": "a"})
-    rds.xadd(settings.stream, {"post_id": "p2", "content": "b"})
+    rds.xadd(settings.stream, {"post_id": "p2", "content": "a"})
+    other_p2 = rds.xadd(settings.stream, {"post_id": "p2", "content": "b"})
+    other_p3 = rds.xadd(settings.stream, {"post_id": "p3", "content": "edited"})
+    rds.xadd(settings.stream, {"post_id": "p3", "content": "new"})  # the stored content: a duplicate
     drain(settings)
     with psycopg.connect(settings.database_url) as conn:
         current = dict(conn.execute("SELECT post_id, model FROM sentiment_analysis").fetchall())
@@ -166,11 +199,12 @@ def test_one_post_one_current_analysis(settings: Settings, rds: redis.Redis) -> 
         ).fetchone() or [None]
     assert current == {"p1": "noop", "p2": "noop", "p3": "llm:openai:gpt-4o-mini"}
     assert content == "first version"
-    reasons = sorted(d.reason for d in dead_letters(rds, settings.dead_letter).values())
-    assert reasons == [
-        "post_id 'p1' is already stored with other content",
-        f"post_id 'p2' was already used by entry {first_p2} of the same batch, with other content",
-    ]
+    reasons = {i: d.reason for i, d in dead_letters(rds, settings.dead_letter).items()}
+    assert reasons == {
+        **{i.decode(): "post_id 'p1' is already stored with other content" for i in other_p1},
+        other_p2.decode(): "post_id 'p2' is already stored with other content",
+        other_p3.decode(): "post_id 'p3' is already stored with other content",
+    }
     assert rds.xpending(settings.stream, settings.group)["pending"] == 0
 
     # Moving posts to another model is an explicit operation; the replaced row is kept in the history.

@@ -90,6 +90,14 @@ class FakeStream:
             self.g.last_delivered = i
         return [Entry(i, self.g.entries[i]) for i in fresh], []
 
+    async def autoclaim_ids(self, cursor: str, min_idle_ms: int, count: int) -> tuple[str, list[str]]:
+        claimed = await self.autoclaim(cursor, min_idle_ms, count)
+        return claimed.cursor, [e.id for e in claimed.entries]
+
+    async def peek_oversized(self, entry_id: str) -> Entry | None:
+        await trio.lowlevel.checkpoint()
+        return None  # the fake holds no entry too large to read (the real Redis is tested for it)
+
     async def autoclaim(self, cursor: str, min_idle_ms: int, count: int) -> Claimed:
         await trio.lowlevel.checkpoint()
         self._maybe_fail("autoclaim")
@@ -128,9 +136,12 @@ class FakeStream:
         if letters:
             self._maybe_fail("dead_letter")
         for letter in letters:
-            if letter.entry.id not in tried:
+            # Like Redis: the ID a copy was given is kept in the attempts hash until the entry is done.
+            mark = f"{letter.entry.id}:dead"
+            if letter.entry.id not in tried and mark not in self.g.attempts:
                 self.g.dead.append((letter, self.consumer))
                 tried[letter.entry.id] = f"dead-{len(self.g.dead)}"
+                self.g.attempts[mark] = len(self.g.dead)
 
     async def count_failures(self, ids: Sequence[str]) -> dict[str, int]:
         if ids:
@@ -150,8 +161,8 @@ class FakeStream:
 
     async def forget(self, ids: Sequence[str]) -> None:
         for i in ids:
-            self.g.attempts.pop(i, None)
-            self.g.attempts.pop(f"{i}:solo", None)
+            for mark in ("", ":solo", ":dead"):
+                self.g.attempts.pop(f"{i}{mark}", None)
 
     async def renew(self, ids: Sequence[str]) -> None:
         self._maybe_fail("renew")
