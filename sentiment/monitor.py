@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
@@ -72,12 +72,16 @@ class Metrics:
 
 
 class Monitor:
-    def __init__(self, worker: Worker, parts: Parts) -> None:
-        self.worker = worker
+    """The probes and metrics of a process's workers: one per shard (see wiring.run_worker), which share
+    the parts' store, analyzer and health flags; lag and pending are summed over their streams."""
+
+    def __init__(self, workers: Worker | Sequence[Worker], parts: Parts) -> None:
+        self.workers = (workers,) if isinstance(workers, Worker) else tuple(workers)
         self.parts = parts
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry)
-        worker.on_commit.append(self.metrics.on_commit)
+        for worker in self.workers:
+            worker.on_commit.append(self.metrics.on_commit)
         p = parts
         # What the probes below last found, by service: "" when it answered. Kept apart from the
         # pipeline's own view (p.redis, p.postgres, set by its real operations and logged once per
@@ -102,7 +106,8 @@ class Monitor:
         p = self.parts
         # Not ready before the start-up checks (keys, schema, grants, model) have passed: a fast 200
         # would only flap to 503 when one of them fails. What they wait for is said below.
-        missing = [] if self.worker.prepared else ["starting: checking keys, schema, grants and the model"]
+        prepared = all(w.prepared for w in self.workers)
+        missing = [] if prepared else ["starting: checking keys, schema, grants and the model"]
         for name, service in (("model", p.model), ("redis", p.redis), ("postgres", p.postgres)):
             if not service.up:
                 missing.append(f"{name}: {service.reason}")
@@ -111,17 +116,19 @@ class Monitor:
         return not missing, "ready" if not missing else "not ready: " + "; ".join(missing)
 
     def healthy(self) -> tuple[bool, str]:
-        w, p = self.worker, self.parts
-        stuck = w.stuck()
+        p = self.parts
+        stuck = next((found for w in self.workers if (found := w.stuck())), None)
         if stuck:
             entries = stuck[0].entries
             return False, (
                 f"stuck: a batch of {len(entries)} entries ({entries[0].id} … {entries[-1].id}) has been "
                 f"writing and acking for {stuck[1]:.0f} s; its leases are released"
             )
-        idle = time.monotonic() - w.last_progress
-        if w.inflight and p.redis.up and p.postgres.up and idle > STALL_AFTER_S:
-            return False, f"stalled: {len(w.inflight)} entries in flight, no commit for {idle:.0f} s"
+        # Stalled: entries in flight and no commit for long, in any one shard's worker.
+        for w in self.workers:
+            idle = time.monotonic() - w.last_progress
+            if w.inflight and p.redis.up and p.postgres.up and idle > STALL_AFTER_S:
+                return False, f"stalled: {len(w.inflight)} entries in flight, no commit for {idle:.0f} s"
         return True, "ok"
 
     def wsgi(self) -> Callable[..., Iterable[bytes]]:
@@ -145,16 +152,18 @@ class Monitor:
         while True:
             self.metrics.model_loaded.set(int(p.analyzer.loaded))
             try:
-                info = await p.stream.group_info()
-                self.metrics.lag.set(info.get("lag") or 0)
-                self.metrics.pending.set(info.get("pending") or 0)
+                infos = [await w.parts.stream.group_info() for w in self.workers]
+                lags = [i.get("lag") or 0 for i in infos]
+                self.metrics.lag.set(-1 if min(lags) < 0 else sum(lags))  # -1: Redis cannot tell
+                self.metrics.pending.set(sum(i.get("pending") or 0 for i in infos))
                 self.probes["redis"] = ""
             except SentimentError as exc:
                 self.probes["redis"] = str(exc)
             try:
                 # Once running, answering is not enough: a revoked grant is not ready. (Before, start-up
                 # itself waits for the schema and the grants, and says why.)
-                await (p.store.check_writable() if self.worker.prepared else p.store.ping())
+                prepared = all(w.prepared for w in self.workers)
+                await (p.store.check_writable() if prepared else p.store.ping())
                 self.probes["postgres"] = ""
             except SentimentError as exc:
                 self.probes["postgres"] = str(exc)
@@ -169,10 +178,14 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 async def serve_monitor(
-    worker: Worker, parts: Parts, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    workers: Worker | Sequence[Worker],
+    parts: Parts,
+    port: int,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve /metrics, /healthz, /readyz on `port` (0 in tests: any free port, reported via started())."""
-    monitor = Monitor(worker, parts)
+    monitor = Monitor(workers, parts)
     try:
         server = make_server(
             "0.0.0.0", port, monitor.wsgi(), ThreadingWSGIServer, handler_class=_QuietHandler

@@ -60,6 +60,11 @@ class ReclaimReport:
     def as_dict(self) -> dict[str, int]:
         return attrs.asdict(self)
 
+    def add(self, other: ReclaimReport) -> None:
+        """Count another shard's report in."""
+        for field in attrs.fields(ReclaimReport):
+            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+
 
 async def reclaim(
     parts: Parts,

@@ -12,6 +12,7 @@ import attrs
 import redis.exceptions as rex
 
 from . import deadletter
+from .consumers import REMOVE_IDLE
 from .errors import ConfigError, StreamUnavailable
 from .redact import one_line
 from .redis_client import NoGroup, RedisClient, decode, no_such_key
@@ -70,6 +71,7 @@ class Stream(Protocol):
     async def pending_count(self) -> int: ...
     async def group_info(self) -> dict[str, int]: ...
     async def trim_acked(self, min_age_ms: int) -> int: ...
+    async def remove_idle_consumers(self, min_idle_ms: int) -> list[str]: ...
 
 
 class RedisStream:
@@ -87,13 +89,16 @@ class RedisStream:
         dead_letter_max_bytes: int,
     ) -> None:
         self._client = client
-        self._redis = client.raw
         self.name = stream
         self.group = group
         self.consumer = consumer
         self.dead = dead_letter
         self.attempts = attempts
         self.dead_letter_max_bytes = dead_letter_max_bytes
+
+    @property
+    def _redis(self) -> Any:
+        return self._client.raw  # read at each command: the client may have been rebuilt
 
     async def _call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         try:
@@ -224,7 +229,7 @@ class RedisStream:
                 now_ms=now_ms,
                 max_bytes=self.dead_letter_max_bytes,
             )
-            pipe.xadd(self.dead, fields, id=dead_id)  # type: ignore[arg-type]
+            pipe.xadd(self.dead, fields, id=dead_id)
         results: Any = await self._call(pipe.execute, raise_on_error=False)
         for result in results:
             if isinstance(result, rex.ResponseError) and "equal or smaller" in str(result):
@@ -365,32 +370,24 @@ class RedisStream:
                 return {"lag": int(lag) if lag is not None else -1, "pending": int(group["pending"])}
         return {"lag": -1, "pending": 0}
 
-    async def info(self) -> dict[str, Any]:
-        """What `sentiment stats` shows: stream length, groups with consumers, dead-letter length."""
-        length = int(await self._call(self._redis.xlen, self.name))
-        groups = []
+    async def groups(self) -> list[dict[str, Any]]:
+        """XINFO GROUPS of the stream, each group with its consumers (XINFO CONSUMERS), for `stats`."""
+        out = []
         for g in await self._groups():
-            name = decode(g["name"])
-            consumers = await self._call(self._redis.xinfo_consumers, self.name, name)
-            groups.append(
-                {
-                    "name": name,
-                    "pending": int(g["pending"]),
-                    "lag": g.get("lag"),
-                    "last_delivered_id": decode(g["last-delivered-id"]),
-                    "consumers": [
-                        {"name": decode(c["name"]), "pending": int(c["pending"]), "idle_ms": int(c["idle"])}
-                        for c in consumers
-                    ],
-                }
-            )
-        dead = int(await self._call(self._redis.xlen, self.dead))
-        return {
-            "stream": self.name,
-            "length": length,
-            "groups": groups,
-            "dead_letter": {"stream": self.dead, "length": dead},
-        }
+            consumers = await self._call(self._redis.xinfo_consumers, self.name, g["name"])
+            out.append(g | {"consumers": consumers})
+        return out
+
+    async def length(self, key: str) -> int:
+        return int(await self._call(self._redis.xlen, key))
+
+    async def remove_idle_consumers(self, min_idle_ms: int) -> list[str]:
+        """Remove our group's consumers that have nothing pending and were idle `min_idle_ms` or more,
+        never our own (one Lua script, see consumers.py). Returns their names."""
+        removed: Any = await self._call(
+            self._redis.eval, REMOVE_IDLE, 1, self.name, self.group, min_idle_ms, self.consumer
+        )
+        return [decode(name) for name in removed]
 
     async def trim_acked(self, min_age_ms: int) -> int:
         """Trim entries older than `min_age_ms` that every group has read and acked (XTRIM MINID): the

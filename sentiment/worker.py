@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import aclosing
 
 import attrs
@@ -53,6 +53,7 @@ class Options:
     shutdown_grace_s: float
     stuck_batch_s: float
     stream_retention_s: int
+    consumer_remove_idle_ms: int = 0
 
 
 @attrs.define
@@ -67,6 +68,15 @@ class Totals:
     deleted: int = 0
     reclaimed: int = 0
     batches: int = 0
+
+    @classmethod
+    def sum(cls, totals: Iterable[Totals]) -> Totals:
+        """The totals of several workers (one per shard) together."""
+        out = cls()
+        for t in totals:
+            for field in attrs.fields(cls):
+                setattr(out, field.name, getattr(out, field.name) + getattr(t, field.name))
+        return out
 
     def add(self, outcome: Outcome) -> None:
         self.written += outcome.written
@@ -214,6 +224,18 @@ class Worker:
                             self.totals.reclaimed += len(fresh)
                             log.info("reclaimed %d idle entries", len(fresh))
                             await self._send(send, fresh)
+                if s.consumer_remove_idle_ms:
+                    # After the pass: a dead consumer's idle entries are ours now, so it has nothing
+                    # pending and goes (the script re-checks that, atomically: consumers.py).
+                    removed = await retrying(
+                        p.redis, p.stream.remove_idle_consumers, s.consumer_remove_idle_ms
+                    )
+                    if removed:
+                        log.info(
+                            "removed %d idle consumers with nothing pending: %s",
+                            len(removed),
+                            ", ".join(removed[:10]),
+                        )
                 await trio.sleep(s.reclaim_interval_ms / 1000)
 
     async def _analyse(

@@ -191,6 +191,11 @@ class FakeStream:
         self._maybe_fail("pending_count")
         return len(self.g.pel)
 
+    async def remove_idle_consumers(self, min_idle_ms: int) -> list[str]:
+        # Consumers are not modelled here (integration/test_consumers.py runs the real script).
+        self._maybe_fail("remove_idle_consumers")
+        return []
+
 
 class FakeStore:
     def __init__(self) -> None:
