@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
+import threading
 from collections.abc import Sequence
 
 import trio
@@ -13,7 +16,8 @@ from .config import Settings
 from .errors import ConfigError, SentimentError
 
 ENV_HELP = """settings come from the environment and a .env file in the working directory (environment wins):
-  DATABASE_URL, REDIS_URL (or REDIS_HOST/REDIS_PORT), REDIS_STREAM_NAME, REDIS_CONSUMER_GROUP, CONSUMER_NAME,
+  DATABASE_URL, REDIS_URL (or REDIS_HOST/REDIS_PORT), REDIS_CLUSTER, REDIS_STREAM_NAME, REDIS_STREAM_SHARDS,
+  REDIS_CONSUMER_GROUP, CONSUMER_NAME, CONSUMER_REMOVE_IDLE_MS,
   BATCH_SIZE, BLOCK_MS, CLAIM_MIN_IDLE_MS, RECLAIM_INTERVAL_MS, MAX_DELIVERIES, DEAD_LETTER_STREAM,
   SHUTDOWN_GRACE_S, MODEL_TYPE, LLM_PROVIDER, LLM_API_KEY, LLM_MODEL, METRICS_PORT, LOG_FORMAT;
   see README.md"""
@@ -105,6 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, prog: str = "sentiment") -> int:
     """Run one command; the exit status: 0 done, 1 failed, 2 a setting or argument is wrong, 130 Ctrl-C.
     Our own errors are one line on stderr, prefixed with `prog`."""
+    code = _main(argv, prog)
+    if any(t.is_alive() for t in threading.enumerate() if t is not threading.main_thread()):
+        # Threads abandoned when the run was cut short (a model load, a driver call past its bound)
+        # may still be inside torch or libpq: the interpreter's shutdown under them aborts the process
+        # (SIGABRT, "terminate called without an active exception"). Everything of ours is closed by
+        # now: flush what is written and end here.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv: Sequence[str] | None, prog: str) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _command(args)
@@ -145,9 +163,11 @@ def _command(args: argparse.Namespace) -> int:
 
         if not args.file and args.count <= 0:
             raise ConfigError("produce needs a FILE or --count N")
+        # The stream keys are the same on a cluster or not (only the keys beside them change: keys.py).
         run_produce(
             settings.redis_url,
-            settings.stream,
+            [keys.stream for keys in settings.keys(cluster=False)],
+            cluster=settings.redis_cluster,
             path=args.file,
             count=args.count,
             seed=args.seed,
@@ -205,10 +225,10 @@ async def _analyze(settings: Settings, texts: list[str]) -> int:
 
 async def _stats(settings: Settings, args: argparse.Namespace) -> None:
     from .stats import run_stats
-    from .wiring import open_store, open_stream
+    from .wiring import open_store, open_streams
 
-    async with open_stream(settings) as stream, open_store(settings) as store:
-        await run_stats(stream, store, as_json=args.json, watch=args.watch)
+    async with open_streams(settings) as streams, open_store(settings) as store:
+        await run_stats(streams, store, as_json=args.json, watch=args.watch)
 
 
 async def _reanalyze(settings: Settings, args: argparse.Namespace) -> None:
@@ -231,19 +251,29 @@ async def _deadletter(settings: Settings, args: argparse.Namespace) -> None:
     from contextlib import aclosing
 
     from . import deadletter
-    from .wiring import open_stream
+    from .wiring import open_streams
 
-    async with open_stream(settings) as stream:
-        if args.action == "list":
-            async with aclosing(deadletter.letters(stream, args.reason)) as found:
-                async for letter in found:
-                    if args.json:
-                        print(json.dumps(letter.as_dict(), ensure_ascii=False))
-                    else:
-                        note = " [truncated]" if letter.truncated else ""
-                        print(f"{letter.id}  {letter.entry_id}  {letter.post_id()}  {letter.reason}{note}")
-        elif args.action == "replay":
-            report = await deadletter.replay(stream, settings.stream, args.reason, dry_run=args.dry_run)
-            print(json.dumps(report.as_dict() | {"dry_run": args.dry_run}))
-        else:
-            print(json.dumps({"purged": await stream.trim_dead(args.before)}))
+    # Each shard's dead-letter stream in turn; a letter goes back to the stream (shard) it came from.
+    replayed = skipped = purged = 0
+    async with open_streams(settings) as streams:
+        for stream in streams:
+            if args.action == "list":
+                async with aclosing(deadletter.letters(stream, args.reason)) as found:
+                    async for letter in found:
+                        if args.json:
+                            print(json.dumps(letter.as_dict(), ensure_ascii=False))
+                        else:
+                            note = " [truncated]" if letter.truncated else ""
+                            print(
+                                f"{letter.id}  {letter.entry_id}  {letter.post_id()}  {letter.reason}{note}"
+                            )
+            elif args.action == "replay":
+                report = await deadletter.replay(stream, stream.name, args.reason, dry_run=args.dry_run)
+                replayed, skipped = replayed + report.replayed, skipped + report.skipped_truncated
+            else:
+                purged += await stream.trim_dead(args.before)
+    if args.action == "replay":
+        report = deadletter.ReplayReport(replayed, skipped)
+        print(json.dumps(report.as_dict() | {"dry_run": args.dry_run}))
+    elif args.action == "purge":
+        print(json.dumps({"purged": purged}))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -12,7 +11,9 @@ from urllib.parse import quote, urlsplit
 
 import attrs
 
+from .consumers import default_consumer_name
 from .errors import ConfigError
+from .keys import ShardKeys, shard_keys
 from .redact import mask_url
 
 T = TypeVar("T")
@@ -22,6 +23,7 @@ MODEL_TYPES = ("embedded", "transformers", "llm", "noop")
 MODEL_TYPE_ALIASES = {"local": "embedded"}
 LLM_PROVIDERS = ("", "groq", "openai", "anthropic")
 LOG_FORMATS = ("text", "json")
+REDIS_CLUSTER_MODES = ("auto", "yes", "no")
 
 
 def _env(name: str, default: object) -> Any:
@@ -35,9 +37,13 @@ class Settings:
     redis_url: str = _env("REDIS_URL", "redis://localhost:6379/0")
     stream: str = _env("REDIS_STREAM_NAME", "social_posts")
     group: str = _env("REDIS_CONSUMER_GROUP", "sentiment_workers")
-    consumer: str = attrs.field(
-        factory=lambda: f"{socket.gethostname()}-{os.getpid()}", metadata={"env": "CONSUMER_NAME"}
-    )
+    # Default: <hostname>-<pid>-<6 random hex digits>, unique per process (see consumers.py).
+    consumer: str = attrs.field(factory=default_consumer_name, metadata={"env": "CONSUMER_NAME"})
+    # auto: ask the server (INFO cluster); yes/no: skip the question.
+    redis_cluster: str = _env("REDIS_CLUSTER", "auto")
+    stream_shards: int = _env("REDIS_STREAM_SHARDS", 1)  # the stream as N keys, each in its own slot
+    # A consumer of the group with nothing pending and idle this long is removed (0: never).
+    consumer_remove_idle_ms: int = _env("CONSUMER_REMOVE_IDLE_MS", 3_600_000)
     batch_size: int = _env("BATCH_SIZE", 64)
     block_ms: int = _env("BLOCK_MS", 2000)
     claim_min_idle_ms: int = _env("CLAIM_MIN_IDLE_MS", 60_000)
@@ -89,6 +95,16 @@ class Settings:
         """The hash of per-entry attempt counts (see RedisStream.count_failures)."""
         return f"{self.stream}:attempts:{self.group}"
 
+    def keys(self, *, cluster: bool) -> tuple[ShardKeys, ...]:
+        """Each shard's stream, dead-letter and attempts keys (see keys.py), on a cluster or not."""
+        return shard_keys(
+            stream=self.stream,
+            group=self.group,
+            dead_letter=self.dead_letter,
+            shards=self.stream_shards,
+            cluster=cluster,
+        )
+
     def __repr__(self) -> str:
         # Never print secrets, whatever logs or tracebacks do with this object.
         return (
@@ -134,7 +150,12 @@ class Settings:
             redis_url=_redis_url(r),
             stream=stream,
             group=r.text("group", d.group),
-            consumer=r.text("consumer", f"{socket.gethostname()}-{os.getpid()}"),
+            consumer=r.text("consumer", default_consumer_name()),
+            redis_cluster=r.choice("redis_cluster", d.redis_cluster, REDIS_CLUSTER_MODES),
+            stream_shards=r.integer("stream_shards", d.stream_shards, 1, 1024),
+            consumer_remove_idle_ms=r.integer(
+                "consumer_remove_idle_ms", d.consumer_remove_idle_ms, 0, 10 * 86_400_000
+            ),
             batch_size=r.integer("batch_size", d.batch_size, 1, 10_000),
             block_ms=r.integer("block_ms", d.block_ms, 1, 600_000),
             claim_min_idle_ms=r.integer("claim_min_idle_ms", d.claim_min_idle_ms, 1, 86_400_000),
@@ -172,6 +193,9 @@ class Settings:
                 f"DEAD_LETTER_STREAM must differ from REDIS_STREAM_NAME ({stream}) and from the attempts "
                 f"key ({settings.attempts_key})"
             )
+        # Names that cannot carry a shard's hash tag fail here, where they can: on a cluster found by
+        # REDIS_CLUSTER=auto, when the worker connects.
+        settings.keys(cluster=settings.redis_cluster == "yes")
         return settings
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
@@ -82,12 +82,16 @@ class Metrics:
 
 
 class Monitor:
-    def __init__(self, worker: Worker, parts: Parts) -> None:
-        self.worker = worker
+    """The probes and metrics of a process's workers: one per shard (see wiring.run_worker), which share
+    the parts' store, analyzer and health flags; lag and pending are summed over their streams."""
+
+    def __init__(self, workers: Worker | Sequence[Worker], parts: Parts) -> None:
+        self.workers = (workers,) if isinstance(workers, Worker) else tuple(workers)
         self.parts = parts
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry)
-        worker.on_commit.append(self.metrics.on_commit)
+        for worker in self.workers:
+            worker.on_commit.append(self.metrics.on_commit)
         p = parts
         # What the probes below last found, by service: "" when it answered. Kept apart from the
         # pipeline's own view (p.redis, p.postgres, set by its real operations and logged once per
@@ -112,7 +116,8 @@ class Monitor:
         p = self.parts
         # Not ready before the start-up checks (keys, schema, grants, model) have passed: a fast 200
         # would only flap to 503 when one of them fails. What they wait for is said below.
-        missing = [] if self.worker.prepared else ["starting: checking keys, schema, grants and the model"]
+        prepared = all(w.prepared for w in self.workers)
+        missing = [] if prepared else ["starting: checking keys, schema, grants and the model"]
         for name, service in (("model", p.model), ("redis", p.redis), ("postgres", p.postgres)):
             if not service.up:
                 missing.append(f"{name}: {service.reason}")
@@ -121,17 +126,19 @@ class Monitor:
         return not missing, "ready" if not missing else "not ready: " + "; ".join(missing)
 
     def healthy(self) -> tuple[bool, str]:
-        w, p = self.worker, self.parts
-        stuck = w.stuck()
+        p = self.parts
+        stuck = next((found for w in self.workers if (found := w.stuck())), None)
         if stuck:
             entries = stuck[0].entries
             return False, (
                 f"stuck: a batch of {len(entries)} entries ({entries[0].id} … {entries[-1].id}) has been "
                 f"writing and acking for {stuck[1]:.0f} s; its leases are released"
             )
-        idle = time.monotonic() - w.last_progress
-        if w.inflight and p.redis.up and p.postgres.up and idle > STALL_AFTER_S:
-            return False, f"stalled: {len(w.inflight)} entries in flight, no commit for {idle:.0f} s"
+        # Stalled: entries in flight and no commit for long, in any one shard's worker.
+        for w in self.workers:
+            idle = time.monotonic() - w.last_progress
+            if w.inflight and p.redis.up and p.postgres.up and idle > STALL_AFTER_S:
+                return False, f"stalled: {len(w.inflight)} entries in flight, no commit for {idle:.0f} s"
         return True, "ok"
 
     def wsgi(self) -> Callable[..., Iterable[bytes]]:
@@ -149,26 +156,44 @@ class Monitor:
 
         return app
 
+    async def _sample_groups(self, counted_at: float) -> float:
+        """Backlog, lag and pending over every shard; returns when the backlog was last counted."""
+        count = time.monotonic() - counted_at >= COUNT_BACKLOG_EVERY_S
+        up_to = COUNT_BACKLOG_UP_TO if count else 0
+        infos = [await w.parts.stream.group_info(up_to) for w in self.workers]
+        lags, backlogs = [i["lag"] for i in infos], [i["backlog"] for i in infos]
+        self.metrics.lag.set(-1 if min(lags) < 0 else sum(lags))  # -1: Redis cannot tell
+        if min(backlogs) >= 0:  # else: a shard not counted this time, the last count stands
+            self.metrics.backlog.set(sum(backlogs))
+            counted_at = time.monotonic() if count and min(lags) < 0 else counted_at
+        self.metrics.pending.set(sum(i["pending"] for i in infos))
+        return counted_at
+
     async def sample(self, every: float = 5.0) -> None:
         """Every few seconds: backlog and pending count from Redis, and whether the servers answer."""
-        p, counted_at = self.parts, -COUNT_BACKLOG_EVERY_S
+        p, counted_at, figures_failing = self.parts, -COUNT_BACKLOG_EVERY_S, False
         while True:
             self.metrics.model_loaded.set(int(p.analyzer.loaded))
             try:
-                count = time.monotonic() - counted_at >= COUNT_BACKLOG_EVERY_S
-                info = await p.stream.group_info(COUNT_BACKLOG_UP_TO if count else 0)
-                self.metrics.lag.set(info["lag"])
-                if info["backlog"] >= 0:  # else: not counted this time, the last count stands
-                    self.metrics.backlog.set(info["backlog"])
-                    counted_at = time.monotonic() if count and info["lag"] < 0 else counted_at
-                self.metrics.pending.set(info["pending"])
+                await p.stream.ping()
                 self.probes["redis"] = ""
             except SentimentError as exc:
                 self.probes["redis"] = str(exc)
+            if not self.probes["redis"]:
+                try:
+                    counted_at = await self._sample_groups(counted_at)
+                    figures_failing = False
+                except SentimentError as exc:
+                    # Redis answers but will not say (an ACL without XINFO): the figures go missing,
+                    # the worker itself is fine and stays ready.
+                    if not figures_failing:
+                        log.warning("backlog and pending figures not read: %s", exc)
+                    figures_failing = True
             try:
                 # Once running, answering is not enough: a revoked grant is not ready. (Before, start-up
                 # itself waits for the schema and the grants, and says why.)
-                await (p.store.check_writable() if self.worker.prepared else p.store.ping())
+                prepared = all(w.prepared for w in self.workers)
+                await (p.store.check_writable() if prepared else p.store.ping())
                 self.probes["postgres"] = ""
             except SentimentError as exc:
                 self.probes["postgres"] = str(exc)
@@ -183,10 +208,14 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 async def serve_monitor(
-    worker: Worker, parts: Parts, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    workers: Worker | Sequence[Worker],
+    parts: Parts,
+    port: int,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve /metrics, /healthz, /readyz on `port` (0 in tests: any free port, reported via started())."""
-    monitor = Monitor(worker, parts)
+    monitor = Monitor(workers, parts)
     try:
         server = make_server(
             "0.0.0.0", port, monitor.wsgi(), ThreadingWSGIServer, handler_class=_QuietHandler

@@ -9,9 +9,9 @@ import attrs
 
 from .analysis.base import Analyzer
 from .cache import ResultCache
+from .entries import Stream
 from .retry import Health
 from .store import Store
-from .stream import Stream
 
 
 @attrs.frozen

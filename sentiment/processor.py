@@ -21,12 +21,12 @@ import attrs
 import trio
 
 from .analysis.base import Analysis, analyse_each
+from .entries import DeadLetter, Entry, id_key
 from .errors import ConfigError, InvalidPost, ModelError, ModelUnavailable, StoreError
 from .parts import Parts
 from .post import Limits, Post
 from .retry import retrying
 from .store import Record
-from .stream import DeadLetter, Entry, id_key
 
 log = logging.getLogger(__name__)
 

@@ -1,16 +1,21 @@
-"""`python -m sentiment produce`: publish posts to the stream from a file or N synthetic ones."""
+"""`python -m sentiment produce`: publish posts to the stream from a file or N synthetic ones.
+
+With shards, each post goes to the shard `keys.shard_of(post_id)` names; on a cluster through the cluster
+client, whose pipeline sends each XADD to the master of its key's slot."""
 
 from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import redis
 from tqdm import tqdm
 
 from .errors import ConfigError, StreamUnavailable
+from .keys import shard_of
+from .redis_client import sync_client
 from .synthetic import synthetic_posts
 
 FIELDS = ("post_id", "source", "content", "author", "created_at")
@@ -38,21 +43,24 @@ def read_posts(path: Path) -> Iterator[dict[str, str]]:
 
 def publish(
     redis_url: str,
-    stream: str,
+    streams: Sequence[str],
     posts: Iterator[dict[str, str]],
     *,
+    cluster: str = "auto",
     total: int | None = None,
     flat: bool = False,
     chunk: int = 500,
     progress: bool = True,
 ) -> int:
-    """XADD in pipelined chunks; returns how many were published."""
-    client = redis.Redis.from_url(redis_url)
+    """XADD in pipelined chunks to the shards `streams` (one key: no shards); `cluster`: REDIS_CLUSTER.
+    Returns how many were published."""
+    client = sync_client(redis_url, cluster)
     sent = 0
     try:
         with tqdm(total=total, unit="post", disable=not progress, mininterval=0.5) as bar:
             pipe = client.pipeline(transaction=False)
             for post in posts:
+                stream = streams[shard_of(post.get("post_id", ""), len(streams))]
                 pipe.xadd(stream, dict(post) if flat else {"data": json.dumps(post)})  # type: ignore[arg-type]
                 sent += 1
                 if sent % chunk == 0:
@@ -67,9 +75,19 @@ def publish(
     return sent
 
 
-def run_produce(redis_url: str, stream: str, *, path: str | None, count: int, seed: int, flat: bool) -> None:
+def run_produce(
+    redis_url: str,
+    streams: Sequence[str],
+    *,
+    cluster: str,
+    path: str | None,
+    count: int,
+    seed: int,
+    flat: bool,
+) -> None:
     if path:
-        sent = publish(redis_url, stream, read_posts(Path(path)), flat=flat)
+        sent = publish(redis_url, streams, read_posts(Path(path)), cluster=cluster, flat=flat)
     else:
-        sent = publish(redis_url, stream, synthetic_posts(count, seed=seed), total=count, flat=flat)
-    print(f"published {sent} posts to {stream}")
+        posts = synthetic_posts(count, seed=seed)
+        sent = publish(redis_url, streams, posts, cluster=cluster, total=count, flat=flat)
+    print(f"published {sent} posts to {', '.join(streams)}")

@@ -13,10 +13,10 @@ from typing import TextIO
 import attrs
 import trio
 
+from .entries import Claimed, Entry, PendingEntry, Stream
 from .parts import Parts
 from .processor import Processor
 from .retry import Health, retrying
-from .stream import Claimed, Entry, PendingEntry, Stream
 
 
 @attrs.frozen
@@ -80,6 +80,11 @@ class ReclaimReport:
 
     def as_dict(self) -> dict[str, int]:
         return attrs.asdict(self)
+
+    def add(self, other: ReclaimReport) -> None:
+        """Count another shard's report in."""
+        for field in attrs.fields(ReclaimReport):
+            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
 
 
 async def reclaim(

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 # Query parameters that carry a secret (libpq's `password`, `sslpassword`; redis-py's `password`).
 _SECRET_PARAMS = frozenset({"password", "sslpassword", "pass", "pwd"})
+# libpq's keyword/value form (`host=db password=s3cret`): a secret's value as written, quoted or not.
+_KEYWORD_SECRET = re.compile(r"\b(password|sslpassword)(\s*=\s*)('(?:\\.|[^'\\])*'|\S*)", re.IGNORECASE)
 
 
 def one_line(text: str) -> str:
@@ -20,6 +23,9 @@ def _is_secret_param(part: str) -> bool:
 
 def _secrets(url: str) -> list[str]:
     """The password in a URL, as written (a driver may echo a token it could not decode) and decoded."""
+    if "://" not in url:
+        found = [m.group(3) for m in _KEYWORD_SECRET.finditer(url)]
+        return [s for raw in found for s in {raw, raw.strip("'")} if len(s) >= 3]
     rest = url.partition("://")[2]
     authority, _, query = rest.partition("?")
     userinfo = authority.partition("/")[0].rpartition("@")[0]
@@ -38,9 +44,12 @@ def driver_text(exc: BaseException, *urls: str) -> str:
 
 def mask_url(url: str) -> str:
     """The URL with its password replaced by `***` (in the user-info part and in query parameters), for
-    logs, error messages and `stats`."""
+    logs, error messages and `stats`. A libpq keyword/value string has its `password=` masked."""
+    if "://" not in url:
+        return _KEYWORD_SECRET.sub(r"\1\2***", url)
     try:
-        parts = urlsplit(url)
+        # No fragments: libpq and redis-py read a `#` as part of the value (`?password=ab#cd`).
+        parts = urlsplit(url, allow_fragments=False)
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
         return "<unparseable URL>"

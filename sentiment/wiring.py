@@ -7,12 +7,15 @@ import logging
 import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 
+import attrs
 import trio
 
 from .analysis import Analyzer
 from .cache import ResultCache
 from .config import Settings
+from .errors import ConfigError
 from .parts import Parts
 from .post import Limits
 from .processor import Processor
@@ -22,7 +25,7 @@ from .redis_client import RedisClient, asyncio_loop
 from .shutdown import stop_on_signal
 from .store import PostgresStore
 from .stream import RedisStream
-from .worker import Options, Worker
+from .worker import Options, Totals, Worker
 
 log = logging.getLogger("sentiment")
 
@@ -60,27 +63,42 @@ def _llm(settings: Settings) -> Analyzer:
 
 
 @asynccontextmanager
-async def open_stream(settings: Settings) -> AsyncIterator[RedisStream]:
-    """The stream, its dead-letter stream and attempt counts, on Redis."""
+async def open_streams(settings: Settings, *, wait: bool = False) -> AsyncIterator[tuple[RedisStream, ...]]:
+    """Each shard's stream with its dead-letter stream and attempt counts, on one Redis client (a
+    cluster client on a cluster). `wait`: a Redis that does not answer yet is waited for (the worker)."""
     async with AsyncExitStack() as stack:
         # One asyncio loop for the whole run (redis.asyncio lives on it).
         await stack.enter_async_context(asyncio_loop())
         # Longer than any XREADGROUP BLOCK, so a blocked read is never taken for a dead connection.
         timeout = settings.block_ms / 1000 + 10
         client = await stack.enter_async_context(
-            RedisClient.open(settings.redis_url, socket_timeout_s=timeout)
+            RedisClient.open(
+                settings.redis_url, socket_timeout_s=timeout, mode=settings.redis_cluster, wait=wait
+            )
         )
-        yield RedisStream(
-            client,
-            stream=settings.stream,
-            group=settings.group,
-            consumer=settings.consumer,
-            dead_letter=settings.dead_letter,
-            attempts=settings.attempts_key,
-            dead_letter_max_bytes=settings.dead_letter_max_bytes,
-            max_entry_bytes=settings.max_entry_bytes,
-            max_entry_fields=settings.max_entry_fields,
+        yield tuple(
+            RedisStream(
+                client,
+                stream=keys.stream,
+                group=settings.group,
+                consumer=settings.consumer,
+                dead_letter=keys.dead,
+                attempts=keys.attempts,
+                dead_letter_max_bytes=settings.dead_letter_max_bytes,
+                max_entry_bytes=settings.max_entry_bytes,
+                max_entry_fields=settings.max_entry_fields,
+            )
+            for keys in settings.keys(cluster=client.cluster)
         )
+
+
+@asynccontextmanager
+async def open_stream(settings: Settings) -> AsyncIterator[RedisStream]:
+    """The one stream of REDIS_STREAM_SHARDS=1 (tests and benchmarks)."""
+    async with open_streams(settings) as streams:
+        if len(streams) != 1:
+            raise ConfigError(f"this needs REDIS_STREAM_SHARDS=1, not {len(streams)}")
+        yield streams[0]
 
 
 @asynccontextmanager
@@ -93,13 +111,25 @@ async def open_store(settings: Settings) -> AsyncIterator[PostgresStore]:
 
 
 @asynccontextmanager
-async def open_parts(settings: Settings, analyzer: Analyzer | None = None) -> AsyncIterator[Parts]:
-    """The real stream and store, and the analyzer the settings name (or the one given)."""
+async def open_shards(
+    settings: Settings, analyzer: Analyzer | None = None, *, wait: bool = False
+) -> AsyncIterator[tuple[Parts, ...]]:
+    """Parts for each shard: its own stream; one store, analyzer, cache and set of health flags."""
     # The no-op analyzer answers faster than a cache lookup: nothing to save.
     wanted = settings.cache_entries and settings.model_type != "noop"
     cache = ResultCache(settings.cache_entries, settings.cache_max_bytes) if wanted else None
-    async with open_stream(settings) as stream, open_store(settings) as store:
-        yield Parts(stream, store, analyzer or build_analyzer(settings), cache)
+    async with open_streams(settings, wait=wait) as streams, open_store(settings) as store:
+        first = Parts(streams[0], store, analyzer or build_analyzer(settings), cache)
+        yield tuple(attrs.evolve(first, stream=stream) for stream in streams)
+
+
+@asynccontextmanager
+async def open_parts(settings: Settings, analyzer: Analyzer | None = None) -> AsyncIterator[Parts]:
+    """The real stream and store, and the analyzer the settings name (or the one given); one shard."""
+    async with open_shards(settings, analyzer) as shards:
+        if len(shards) != 1:
+            raise ConfigError(f"this needs REDIS_STREAM_SHARDS=1, not {len(shards)}")
+        yield shards[0]
 
 
 def build_processor(settings: Settings, parts: Parts) -> Processor:
@@ -123,6 +153,7 @@ def build_worker(settings: Settings, parts: Parts) -> Worker:
         shutdown_grace_s=settings.shutdown_grace_s,
         stuck_batch_s=settings.stuck_batch_s,
         stream_retention_s=settings.stream_retention_s,
+        consumer_remove_idle_ms=settings.consumer_remove_idle_ms,
     )
     return Worker(parts, build_processor(settings, parts), options)
 
@@ -133,31 +164,40 @@ async def open_worker(settings: Settings, analyzer: Analyzer | None = None) -> A
         yield build_worker(settings, parts)
 
 
-async def run_worker(settings: Settings, *, drain: bool = False) -> Worker:
-    """`python -m sentiment run`: the worker, its metrics and probes, stopped by SIGINT/SIGTERM."""
+async def run_worker(settings: Settings, *, drain: bool = False) -> list[Worker]:
+    """`python -m sentiment run`: one worker per shard in one nursery (each reads its own shard, so every
+    shard is read as often as the others), their metrics and probes, stopped by SIGINT/SIGTERM."""
     log.info(
-        "worker %s: stream %s, group %s, Redis %s, PostgreSQL %s, model %s",
+        "worker %s: stream %s (%d shard%s), group %s, Redis %s, PostgreSQL %s, model %s",
         settings.consumer,
         settings.stream,
+        settings.stream_shards,
+        "" if settings.stream_shards == 1 else "s",
         settings.group,
         mask_url(settings.redis_url),
         mask_url(settings.database_url),
         settings.model_type,
     )
-    async with open_parts(settings) as parts:
-        worker = build_worker(settings, parts)
+    async with open_shards(settings, wait=True) as shards:
+        workers = [build_worker(settings, parts) for parts in shards]
+
+        def stop() -> None:
+            for worker in workers:
+                worker.stop()
+
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                stop_on_signal, worker.stop, lambda: worker.stopping, settings.shutdown_grace_s
-            )
+            nursery.start_soon(stop_on_signal, stop, lambda: workers[0].stopping, settings.shutdown_grace_s)
             if settings.metrics_port:
                 from .monitor import serve_monitor
 
-                await nursery.start(serve_monitor, worker, parts, settings.metrics_port)
-            await worker.run(drain=drain)
+                await nursery.start(serve_monitor, workers, shards[0], settings.metrics_port)
+            async with trio.open_nursery() as each:
+                for worker in workers:
+                    each.start_soon(partial(worker.run, drain=drain))
             nursery.cancel_scope.cancel()
-    t = worker.totals
-    hits = f", repeated texts served from the cache {parts.cache.hits}" if parts.cache else ""
+    t = Totals.sum(w.totals for w in workers)
+    cache = shards[0].cache
+    hits = f", repeated texts served from the cache {cache.hits}" if cache else ""
     log.info(
         "stopped: written %d, duplicates %d, dead-lettered %d%s",
         t.written,
@@ -165,23 +205,29 @@ async def run_worker(settings: Settings, *, drain: bool = False) -> Worker:
         t.dead_lettered,
         hits,
     )
-    return worker
+    return workers
 
 
 async def run_reclaim(
     settings: Settings, min_idle_ms: int, *, dry_run: bool = False, analyzer: Analyzer | None = None
 ) -> ReclaimReport:
-    """`python -m sentiment reclaim`: process what dead consumers left pending, then return."""
-    async with open_parts(settings, analyzer) as parts:
-        if dry_run:
-            from .reclaim import list_stale
+    """`python -m sentiment reclaim`: process what dead consumers left pending in every shard, then
+    return."""
+    report = ReclaimReport()
+    async with open_shards(settings, analyzer, wait=True) as shards:
+        for parts in shards:
+            if dry_run:
+                from .reclaim import list_stale
 
-            await list_stale(parts, min_idle_ms, sys.stdout)
-            return ReclaimReport()
-        return await reclaim(
-            parts,
-            build_processor(settings, parts),
-            min_idle_ms,
-            batch_size=settings.batch_size,
-            max_deliveries=settings.max_deliveries,
-        )
+                await list_stale(parts, min_idle_ms, sys.stdout)
+                continue
+            report.add(
+                await reclaim(
+                    parts,
+                    build_processor(settings, parts),
+                    min_idle_ms,
+                    batch_size=settings.batch_size,
+                    max_deliveries=settings.max_deliveries,
+                )
+            )
+    return report

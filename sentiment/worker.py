@@ -15,18 +15,19 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import aclosing
+from functools import partial
 
 import attrs
 import trio
 
+from .entries import Entry, id_key
 from .errors import TransientError
 from .parts import Parts
 from .processor import Analysed, Outcome, Processor
 from .reclaim import Page, claimed_pages, next_page
 from .retry import retrying
-from .stream import Entry, id_key
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class Options:
     shutdown_grace_s: float
     stuck_batch_s: float
     stream_retention_s: int
+    consumer_remove_idle_ms: int = 0
 
 
 @attrs.define
@@ -67,6 +69,15 @@ class Totals:
     deleted: int = 0
     reclaimed: int = 0
     batches: int = 0
+
+    @classmethod
+    def sum(cls, totals: Iterable[Totals]) -> Totals:
+        """The totals of several workers (one per shard) together."""
+        out = cls()
+        for t in totals:
+            for field in attrs.fields(cls):
+                setattr(out, field.name, getattr(out, field.name) + getattr(t, field.name))
+        return out
 
     def add(self, outcome: Outcome) -> None:
         self.written += outcome.written
@@ -200,6 +211,7 @@ class Worker:
             busy.update(self.inflight)
             return page
 
+        removal_failing = False
         with send, self._intake[1]:
             await self._own_pending_read.wait()
             while True:
@@ -218,7 +230,26 @@ class Worker:
                             self.totals.reclaimed += len(fresh)
                             log.info("reclaimed %d idle entries", len(fresh))
                             await self._send(send, fresh)
+                if s.consumer_remove_idle_ms:
+                    removal_failing = await self._remove_idle_consumers(removal_failing)
                 await trio.sleep(s.reclaim_interval_ms / 1000)
+
+    async def _remove_idle_consumers(self, failing: bool) -> bool:
+        """After a reclaim pass a dead consumer's idle entries are ours, so it has nothing pending and
+        goes (the script re-checks that, atomically: consumers.py). Housekeeping: whatever fails (an ACL
+        without XINFO or EVAL, Redis down) is one warning, and the reclaimer goes on. Returns whether it
+        failed this time."""
+        try:
+            removed = await self.parts.stream.remove_idle_consumers(self.options.consumer_remove_idle_ms)
+        except Exception as exc:
+            if not failing:
+                log.warning("idle consumers not removed: %s: %s", type(exc).__name__, exc)
+            return True
+        if removed:
+            log.info(
+                "removed %d idle consumers with nothing pending: %s", len(removed), ", ".join(removed[:10])
+            )
+        return False
 
     async def _analyse(
         self, recv: trio.MemoryReceiveChannel[Batch], send: trio.MemorySendChannel[tuple[Batch, Analysed]]
@@ -290,9 +321,23 @@ class Worker:
             # Stuck: everything queued behind the writer waits as long, so no lease is renewed.
             if stuck:
                 self._released.update(self.inflight)
+            elif self._released:
+                await self._take_back_released()
             ids = [] if stuck else [i for i in self.inflight if i not in self._released]
             if ids:
                 await retrying(self.parts.redis, self.parts.stream.renew, ids)
+
+    async def _take_back_released(self) -> None:
+        """The writer moves again: entries released while it was stuck that are still ours (no other
+        worker claimed them meanwhile) get their leases back; the others stay with whoever took them."""
+        p = self.parts
+        released = sorted((i for i in self.inflight if i in self._released), key=id_key)
+        if released:
+            mine = await retrying(
+                p.redis, partial(p.stream.pending, 2 * len(self.inflight) + 100, own=True, start=released[0])
+            )
+            self._released.difference_update(e.id for e in mine)
+        self._released.intersection_update(self.inflight)
 
     def stuck(self) -> tuple[Batch, float] | None:
         """The batch in the writer and for how long, if longer than STUCK_BATCH_S. (Read by the

@@ -184,7 +184,7 @@ def bench_pipeline(
     )
     posts = posts_for(n, seed=3, prefix=stream, repeat_share=repeat_share)
     if not rate:
-        publish(settings.redis_url, settings.stream, iter(posts), total=n, progress=False, flat=True)
+        publish(settings.redis_url, [settings.stream], iter(posts), total=n, progress=False, flat=True)
     marks: dict[str, float] = {}
     latencies: list[float] = []
 
@@ -196,7 +196,7 @@ def bench_pipeline(
 
     def paced() -> None:
         for i in range(0, n, 10):
-            publish(settings.redis_url, settings.stream, iter(posts[i : i + 10]), progress=False, flat=True)
+            publish(settings.redis_url, [settings.stream], iter(posts[i : i + 10]), progress=False, flat=True)
             time.sleep(10 / rate)
 
     async def main() -> None:
@@ -260,7 +260,7 @@ def bench_raw(n: int, batch_size: int, redis_url: str, database_url: str) -> dic
 
     stream = f"raw:{uuid.uuid4().hex[:8]}"
     publish(  # the fields the pipeline reads
-        redis_url, stream, synthetic_posts(n, seed=4, prefix=stream), total=n, progress=False, flat=True
+        redis_url, [stream], synthetic_posts(n, seed=4, prefix=stream), total=n, progress=False, flat=True
     )
     r = redis.Redis.from_url(redis_url)
     r.xgroup_create(stream, "raw", id="0")
@@ -310,7 +310,7 @@ def bench_workers(k: int, n: int, redis_url: str, database_url: str, batch_size:
     from ..produce import publish
 
     stream = f"workers:{uuid.uuid4().hex[:8]}"
-    publish(redis_url, stream, synthetic_posts(n, seed=5, prefix=stream), total=n, progress=False)
+    publish(redis_url, [stream], synthetic_posts(n, seed=5, prefix=stream), total=n, progress=False)
     settings = attrs.evolve(  # the caller's settings (MODEL_QUANTIZE, say), on this stream
         Settings.from_env(),
         database_url=database_url,
@@ -358,7 +358,9 @@ def bench_memory(n: int, redis_url: str, database_url: str, early: int) -> dict[
     from ..produce import publish
 
     stream = f"memory:{uuid.uuid4().hex[:8]}"
-    publish(redis_url, stream, iter(posts_for(n, seed=6, prefix=stream)), total=n, progress=False, flat=True)
+    publish(
+        redis_url, [stream], iter(posts_for(n, seed=6, prefix=stream)), total=n, progress=False, flat=True
+    )
     settings = attrs.evolve(
         Settings.from_env(),
         database_url=database_url,

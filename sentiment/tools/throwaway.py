@@ -32,6 +32,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too: ephemeral ports (32768 and up) would
+    put the bus past 65535, so one is drawn from 20000-29999."""
+    import random
+
+    for _ in range(1000):
+        port = random.randrange(20000, 30000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 def _wait(check: object, what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -174,3 +191,144 @@ class ThrowawayPostgres:
         self.stop()
         time.sleep(down_for)
         self.start()
+
+
+@attrs.define
+class ThrowawayCluster:
+    """A Redis Cluster of `masters` masters with one replica each, on free loopback ports, built with
+    `redis-cli --cluster create`. A short node timeout makes a replica take over a killed master in a
+    second or two. No persistence: a killed node is not restarted."""
+
+    workdir: Path
+    masters: int = 3
+    node_timeout_ms: int = 1000
+    nodes: list[ThrowawayRedis] = attrs.Factory(list)
+
+    @property
+    def url(self) -> str:
+        """Any live node: the client finds the others."""
+        return next(n.url for n in self.nodes if n.process is not None)
+
+    def start(self) -> None:
+        for i in range(self.masters * 2):
+            node = ThrowawayRedis(
+                self.workdir / f"node{i}",
+                port=free_cluster_port(),
+                extra_args=(
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-node-timeout",
+                    str(self.node_timeout_ms),
+                    "--appendonly",
+                    "no",
+                    "--repl-diskless-sync-delay",  # replicas in sync at once, not after 5 s
+                    "0",
+                ),
+            )
+            node.start()
+            self.nodes.append(node)
+        subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                "--cluster-replicas",
+                "1",
+                "--cluster-yes",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        _wait(self.healthy, "the cluster (all slots served, every master with a replica)", timeout=60)
+
+    def cli(self, port: int, *args: str) -> str:
+        done = subprocess.run(
+            ["redis-cli", "-p", str(port), *args], capture_output=True, text=True, timeout=10, check=False
+        )
+        return done.stdout
+
+    def roles(self) -> dict[int, str]:
+        """Each live node's port and role (master or slave), as CLUSTER NODES on a live node says."""
+        port = next(n.port for n in self.nodes if n.process is not None)
+        out = {}
+        for line in self.cli(port, "cluster", "nodes").splitlines():
+            fields = line.split()
+            if len(fields) < 3 or "fail" in fields[2] or "noaddr" in fields[2]:
+                continue
+            out[int(fields[1].split("@")[0].rsplit(":", 1)[1])] = (
+                "master" if "master" in fields[2] else "slave"
+            )
+        return out
+
+    def healthy(self) -> bool:
+        """cluster_state:ok on every live node, `masters` masters among them, and every replica's link to
+        its master up (a replica that never synced would not take over)."""
+        live = [n for n in self.nodes if n.process is not None]
+        if not all("cluster_state:ok" in self.cli(n.port, "cluster", "info") for n in live):
+            return False
+        roles = self.roles()
+        replicas = [port for port, role in roles.items() if role == "slave"]
+        if not all("master_link_status:up" in self.cli(p, "info", "replication") for p in replicas):
+            return False
+        return sum(1 for role in roles.values() if role == "master") == self.masters
+
+    def master_of(self, key: str) -> ThrowawayRedis:
+        """The node serving `key`'s slot now."""
+        node = self._serving(key)
+        if node is None:
+            raise RuntimeError(f"no master serves {key!r} now")
+        return node
+
+    def _serving(self, key: str) -> ThrowawayRedis | None:
+        port = next(n.port for n in self.nodes if n.process is not None)
+        slot = self.cli(port, "cluster", "keyslot", key).strip()
+        for line in self.cli(port, "cluster", "nodes").splitlines():
+            fields = line.split()
+            if "master" not in fields[2] or "fail" in fields[2]:
+                continue
+            for run in fields[8:]:
+                low, _, high = run.partition("-")
+                if low.isdigit() and int(low) <= int(slot) <= int(high or low):
+                    node_port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+                    return next(n for n in self.nodes if n.port == node_port)
+        return None
+
+    def wait_replicated(self, timeout: float = 30.0) -> None:
+        """Until every replica has applied everything its master has written so far."""
+
+        def offsets(port: int) -> dict[str, str]:
+            info = self.cli(port, "info", "replication")
+            return dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+
+        def caught_up() -> bool:
+            for port, role in self.roles().items():
+                if role == "master":
+                    info = offsets(port)
+                    replicas = [v for k, v in info.items() if k.startswith("slave") and "offset=" in v]
+                    target = info["master_repl_offset"].strip()
+                    if not all(f"offset={target}," in r for r in replicas):
+                        return False
+            return True
+
+        _wait(caught_up, "the replicas to catch up", timeout)
+
+    def kill_master_of(self, key: str, timeout: float = 30.0) -> float:
+        """SIGKILL the master serving `key` (no goodbye: writes it had not yet replicated are lost), wait
+        until its replica serves the slot and the cluster is whole again; returns how long that took."""
+        node = self.master_of(key)
+        assert node.process is not None
+        node.process.kill()
+        node.process.wait(timeout=10)
+        node.process = None
+        started = time.monotonic()
+        _wait(lambda: self._serving(key) not in (None, node) and self.healthy(), "the failover", timeout)
+        return time.monotonic() - started
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            if node.process is not None:
+                node.process.kill()
+                node.process.wait(timeout=10)
+                node.process = None

@@ -23,7 +23,17 @@ from sentiment.wiring import open_stream, open_worker
 
 from ..support.fakes import FakeAnalyzer
 from ..support.proxy import Cutter, cutting_proxy
-from ..support.servers import ROOT, drain, publish, rows, rows_so_far, run_cli, wait_for, worker_env
+from ..support.servers import (
+    ROOT,
+    drain,
+    publish,
+    readyz_text,
+    rows,
+    rows_so_far,
+    run_cli,
+    wait_for,
+    worker_env,
+)
 from ..support.servers import start_worker as start
 
 GRACE_S = 1.0
@@ -255,16 +265,24 @@ def test_retention_skips_when_group_state_cannot_be_read(settings: Settings, rds
         publish(rds, settings.stream, 5)
         time.sleep(1.1)
         denied = attrs.evolve(settings, redis_url=f"redis://{user}@127.0.0.1:6379/0")
-        proc = start(worker_env(denied, STREAM_RETENTION="1", CLAIM_MIN_IDLE_MS="600000"))
+        # The monitor reads XINFO too (every 5 s, the first at once), and the reclaimer's consumer
+        # removal (a script that calls XINFO): neither may stop the worker.
+        port = free_port()
+        env = worker_env(denied, STREAM_RETENTION="1", CLAIM_MIN_IDLE_MS="600000", METRICS_PORT=str(port))
+        proc = start(env | {"CONSUMER_REMOVE_IDLE_MS": "1", "RECLAIM_INTERVAL_MS": "100"})
         try:
             wait_for(lambda: rows_so_far(settings.database_url) == 5, "the rows")
             time.sleep(2.5)
             assert proc.poll() is None
+            # Ready: Redis answers, and the worker works; only the backlog figures are missing.
+            assert readyz_text(port).startswith("ready"), readyz_text(port)
         finally:
             proc.terminate()
             _, err = proc.communicate(timeout=30)
         assert rds.xlen(settings.stream) == 5  # nothing trimmed on incomplete information
         assert sum("retention skipped" in line for line in err.splitlines()) == 1, err
+        assert sum("figures not read" in line for line in err.splitlines()) == 1, err
+        assert "Traceback" not in err
     finally:
         rds.execute_command("ACL", "DELUSER", user)
 
@@ -294,6 +312,25 @@ def test_passwords_in_urls_never_appear_in_any_output(settings: Settings, rds: r
             "query": {"REDIS_URL": f"redis://127.0.0.1:{port}/0?password={SECRET}", "DATABASE_URL": pg},
             "userinfo": {"REDIS_URL": f"redis://:{SECRET}@127.0.0.1:{port}/0", "DATABASE_URL": pg},
             "wrong": {"REDIS_URL": f"redis://127.0.0.1:{port}/0?password=not-{SECRET}", "DATABASE_URL": pg},
+            # REDIS_PASSWORD beside REDIS_HOST/REDIS_PORT, JSON logs.
+            "variables": {
+                "REDIS_URL": "",
+                "REDIS_HOST": "127.0.0.1",
+                "REDIS_PORT": str(port),
+                "REDIS_PASSWORD": SECRET,
+                "DATABASE_URL": pg,
+                "LOG_FORMAT": "json",
+            },
+            # libpq reads `#` as part of the value; a URL parser would take the rest for a fragment.
+            "hash": {
+                "REDIS_URL": f"redis://:{SECRET}@127.0.0.1:{port}/0",
+                "DATABASE_URL": f"{settings.database_url}&password=x%23{SECRET}#{SECRET}",
+            },
+            # libpq's keyword/value form is refused (a URL is needed), without echoing the password.
+            "keywords": {
+                "REDIS_URL": f"redis://:{SECRET}@127.0.0.1:{port}/0",
+                "DATABASE_URL": f"host=127.0.0.1 user=postgres password={SECRET} dbname=sentiment_test",
+            },
         }
         for form, urls in forms.items():
             env = worker_env(settings, **urls, LOG_LEVEL="DEBUG")

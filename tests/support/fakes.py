@@ -12,9 +12,9 @@ import trio
 
 from sentiment.analysis.base import Analysis
 from sentiment.analysis.labels import EMOTIONS, SENTIMENTS
+from sentiment.entries import Claimed, DeadLetter, Entry, PendingEntry, id_key
 from sentiment.errors import ModelError, StoreUnavailable, StreamUnavailable
 from sentiment.store import Record, WriteResult
-from sentiment.stream import Claimed, DeadLetter, Entry, PendingEntry, id_key
 
 
 @attrs.define
@@ -64,6 +64,11 @@ class FakeStream:
             if self.fail_next.get(key, 0) > 0:
                 self.fail_next[key] -= 1
                 raise StreamUnavailable(f"injected {op} failure")
+
+    async def ping(self) -> bool:
+        await trio.lowlevel.checkpoint()
+        self._maybe_fail("ping")
+        return True
 
     async def ensure_group(self) -> None:
         self._maybe_fail("ensure_group")
@@ -201,6 +206,11 @@ class FakeStream:
     async def pending_count(self) -> int:
         self._maybe_fail("pending_count")
         return len(self.g.pel)
+
+    async def remove_idle_consumers(self, min_idle_ms: int) -> list[str]:
+        # Consumers are not modelled here (integration/test_consumers.py runs the real script).
+        self._maybe_fail("remove_idle_consumers")
+        return []
 
 
 class FakeStore:

@@ -152,6 +152,9 @@ def test_to_env_is_read_back_as_the_same_settings() -> None:
         "STREAM_RETENTION": "60",
         "CACHE_ENTRIES": "10",
         "CACHE_MAX_BYTES": "100000",
+        "REDIS_CLUSTER": "no",
+        "REDIS_STREAM_SHARDS": "3",
+        "CONSUMER_REMOVE_IDLE_MS": "5000",
     }
     settings = Settings.from_env(env, dotenv=None)
     assert all(getattr(settings, f.name) != getattr(Settings(), f.name) for f in attrs.fields(Settings))

@@ -1,0 +1,80 @@
+"""What the pipeline passes around — stream entries, claims, pending entries, dead letters — and the
+Stream protocol it reads them through (RedisStream in stream.py; the tests' in-memory fake)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+import attrs
+
+from .post import Measured
+from .redact import one_line
+
+
+@attrs.frozen
+class Entry:
+    id: str
+    fields: Mapping[bytes, bytes]
+    deliveries: int = 1
+    # Set on an entry over the raw bounds measured in Redis without reading it (see peek_oversized):
+    # `fields` then holds only its first bytes.
+    measured: Measured | None = None
+
+
+@attrs.frozen
+class Claimed:
+    """One XAUTOCLAIM step: the next cursor, the entries now ours, and IDs no longer in the stream."""
+
+    cursor: str
+    entries: tuple[Entry, ...]
+    deleted: tuple[str, ...]
+
+
+@attrs.frozen
+class PendingEntry:
+    id: str
+    consumer: str
+    idle_ms: int
+    deliveries: int
+
+
+@attrs.frozen
+class DeadLetter:
+    entry: Entry
+    reason: str = attrs.field(converter=one_line)
+    # A valid post (its analysis or its row failed): copied whole, whatever DEAD_LETTER_MAX_BYTES says,
+    # so that a replay after the fix brings it back. Its size is bounded by MAX_ENTRY_BYTES already.
+    whole: bool = False
+
+
+class Stream(Protocol):
+    """What the pipeline needs from a stream; RedisStream and the tests' in-memory fake implement it."""
+
+    async def ping(self) -> bool: ...
+    async def ensure_group(self) -> None: ...
+    async def check_keys(self) -> None: ...
+    async def read(self, start: str, count: int, block_ms: int | None) -> tuple[list[Entry], list[str]]: ...
+    async def autoclaim(self, cursor: str, min_idle_ms: int, count: int) -> Claimed: ...
+    async def autoclaim_ids(self, cursor: str, min_idle_ms: int, count: int) -> tuple[str, list[str]]: ...
+    async def peek_oversized(self, entry_id: str) -> Entry | None: ...
+    async def with_deliveries(self, entries: Sequence[Entry]) -> list[Entry]: ...
+    async def ack(self, ids: Sequence[str]) -> None: ...
+    async def dead_letter(self, letters: Sequence[DeadLetter], tried: dict[str, str]) -> None: ...
+    async def count_failures(self, ids: Sequence[str]) -> dict[str, int]: ...
+    async def solo_started(self, entry_id: str) -> int: ...
+    async def solo_finished(self, entry_id: str) -> None: ...
+    async def forget(self, ids: Sequence[str]) -> None: ...
+    async def renew(self, ids: Sequence[str]) -> None: ...
+    async def pending(
+        self, count: int, *, own: bool = False, idle_ms: int | None = None, start: str = "-"
+    ) -> list[PendingEntry]: ...
+    async def pending_count(self) -> int: ...
+    async def group_info(self, count_up_to: int = 0) -> dict[str, int]: ...
+    async def trim_acked(self, min_age_ms: int) -> int: ...
+    async def remove_idle_consumers(self, min_idle_ms: int) -> list[str]: ...
+
+
+def id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)

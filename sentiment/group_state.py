@@ -1,0 +1,107 @@
+"""The state of a stream's consumer groups, read with XINFO, and what is done from it: the backlog and
+pending figures (monitor, stats, the summary line), retention (XTRIM MINID below what every group still
+owes) and removing idle consumers. A base of RedisStream (stream.py), which supplies `_call`: the commands
+go through its client, with its error mapping."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.exceptions as rex
+
+from .consumers import REMOVE_IDLE
+from .entries import id_key
+from .errors import StreamUnavailable
+from .redis_client import decode, no_such_key
+
+T = TypeVar("T")
+
+
+class GroupState:
+    name: str
+    group: str
+    consumer: str
+    _redis: Any
+
+    async def _call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        raise NotImplementedError  # RedisStream's
+
+    async def _groups(self) -> list[dict[str, Any]]:
+        try:
+            groups: list[dict[str, Any]] = await self._call(self._redis.xinfo_groups, self.name)
+        except rex.ResponseError as exc:
+            if no_such_key(exc):  # the stream does not exist yet
+                return []
+            raise
+        return groups
+
+    async def group_info(self, count_up_to: int = 0) -> dict[str, int]:
+        """Our group's pending count, its lag as XINFO GROUPS reports it (-1: Redis cannot tell, after
+        XDEL or trims: redis issue 13337), and its backlog: the entries not yet delivered to it, the lag
+        where Redis knows it, else counted past the group's last-delivered ID, up to `count_up_to` (0: not
+        counted, -1)."""
+        last, lag, pending = "0-0", None, 0
+        for group in await self._groups():
+            if decode(group["name"]) == self.group:
+                last, lag, pending = (
+                    decode(group["last-delivered-id"]),
+                    group.get("lag"),
+                    int(group["pending"]),
+                )
+                break
+        said = -1 if lag is None else int(lag)
+        if lag is not None or not count_up_to:
+            return {"lag": said, "backlog": said, "pending": pending}
+        backlog, start = 0, f"({last}"
+        while backlog < count_up_to:
+            page = min(1000, count_up_to - backlog)
+            entries: Any = await self._call(self._redis.xrange, self.name, start, "+", count=page)
+            backlog += len(entries)
+            if len(entries) < page:
+                break
+            start = f"({decode(entries[-1][0])}"
+        return {"lag": -1, "backlog": backlog, "pending": pending}
+
+    async def groups(self) -> list[dict[str, Any]]:
+        """XINFO GROUPS of the stream, each group with its consumers (XINFO CONSUMERS), for `stats`."""
+        out = []
+        for g in await self._groups():
+            consumers = await self._call(self._redis.xinfo_consumers, self.name, g["name"])
+            out.append(g | {"consumers": consumers})
+        return out
+
+    async def length(self, key: str) -> int:
+        return int(await self._call(self._redis.xlen, key))
+
+    async def remove_idle_consumers(self, min_idle_ms: int) -> list[str]:
+        """Remove our group's consumers that have nothing pending and were idle `min_idle_ms` or more,
+        never our own (one Lua script, see consumers.py). Returns their names."""
+        removed: Any = await self._call(
+            self._redis.eval, REMOVE_IDLE, 1, self.name, self.group, min_idle_ms, self.consumer
+        )
+        return [decode(name) for name in removed]
+
+    async def trim_acked(self, min_age_ms: int) -> int:
+        """Trim entries older than `min_age_ms` that every group has read and acked (XTRIM MINID): the
+        floor is the oldest pending ID of any group and the first ID after any group's last delivered one,
+        so retention never drops work a group still owes.
+
+        Fails closed: whatever cannot be read (an ACL that denies XINFO, a reply of another shape, our
+        own group missing) raises, and the caller skips this trim. Redis 8.2's `XTRIM … ACKED` would do
+        this on the server; Redis 7 has no such option, so the floor is computed here."""
+        floor = (int(time.time() * 1000) - min_age_ms, 0)
+        groups = await self._groups()
+        if self.group not in {decode(g["name"]) for g in groups}:
+            raise StreamUnavailable(f"consumer group {self.group} not found: nothing is trimmed")
+        for group in groups:
+            if int(group["pending"]):
+                summary = await self._call(self._redis.xpending, self.name, decode(group["name"]))
+                if summary["min"] is not None:  # None: its pending list drained since XINFO
+                    floor = min(floor, id_key(decode(summary["min"])))
+            ms, seq = id_key(decode(group["last-delivered-id"]))
+            floor = min(floor, (ms, seq + 1))
+        return int(
+            await self._call(self._redis.xtrim, self.name, minid=f"{floor[0]}-{floor[1]}", approximate=False)
+        )

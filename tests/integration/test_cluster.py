@@ -1,0 +1,205 @@
+"""A real Redis Cluster (three masters, three replicas, from the installed redis-server) under sharded
+streams: the end-to-end drain, reclaim after a SIGKILLed worker, and a master SIGKILLed mid-run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import uuid
+from collections.abc import Iterator
+
+import attrs
+import psycopg
+import pytest
+import redis
+import redis.cluster
+
+from sentiment.config import Settings
+from sentiment.keys import ShardKeys, shard_of
+from sentiment.produce import publish
+from sentiment.synthetic import synthetic_posts
+from sentiment.tools.throwaway import ThrowawayCluster, make_workdir
+
+from ..support.llm_server import Reply, llm_server
+from ..support.servers import (
+    ROOT,
+    drain,
+    llm_env,
+    rows,
+    rows_so_far,
+    run_cli,
+    start_worker,
+    wait_for,
+    worker_env,
+)
+
+SHARDS = 3
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[ThrowawayCluster]:
+    workdir = make_workdir("sentiment-cluster-")
+    c = ThrowawayCluster(workdir, node_timeout_ms=1000)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def crs(cluster: ThrowawayCluster) -> Iterator[redis.cluster.RedisCluster]:
+    client = redis.cluster.RedisCluster.from_url(cluster.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def on_cluster(settings: Settings, cluster: ThrowawayCluster) -> Settings:
+    # A stream name of its own, without the conftest's `test:` prefix cleanup (the cluster goes away).
+    return Settings(
+        database_url=settings.database_url,
+        redis_url=cluster.url,
+        stream=f"posts-{uuid.uuid4().hex[:8]}",
+        consumer="test-worker",
+        batch_size=50,
+        block_ms=100,
+        claim_min_idle_ms=1000,
+        reclaim_interval_ms=200,
+        shutdown_grace_s=5.0,
+        model_type="noop",
+        metrics_port=0,
+        stream_shards=SHARDS,
+    )
+
+
+def shards(s: Settings) -> tuple[ShardKeys, ...]:
+    return s.keys(cluster=True)
+
+
+def owed(client: redis.cluster.RedisCluster, s: Settings) -> list[int]:
+    """Each shard's pending count (0 before the group exists)."""
+    counts = []
+    for k in shards(s):
+        try:
+            counts.append(int(client.xpending(k.stream, s.group)["pending"]))
+        except redis.ResponseError:  # NOGROUP: no worker has started yet
+            counts.append(0)
+    return counts
+
+
+def pending(client: redis.cluster.RedisCluster, s: Settings) -> int:
+    return sum(owed(client, s))
+
+
+def test_shard_keys_share_a_slot_and_spread_over_the_masters(
+    on_cluster: Settings, cluster: ThrowawayCluster, crs: redis.cluster.RedisCluster
+) -> None:
+    keys = shards(on_cluster)
+    for k in keys:
+        assert len({crs.keyslot(k.stream), crs.keyslot(k.dead), crs.keyslot(k.attempts)}) == 1
+    assert len({cluster.master_of(k.stream).port for k in keys}) == SHARDS
+
+
+def test_drain_over_shards(on_cluster: Settings, crs: redis.cluster.RedisCluster) -> None:
+    keys = shards(on_cluster)
+    n = 900
+    publish(on_cluster.redis_url, [k.stream for k in keys], synthetic_posts(n, seed=3), progress=False)
+    lengths = [crs.xlen(k.stream) for k in keys]
+    assert sum(lengths) == n and all(length > 200 for length in lengths), lengths
+    bad = keys[shard_of("bad", SHARDS)]
+    crs.xadd(bad.stream, {"post_id": "bad"})  # no content: dead-lettered beside its own shard
+    drain(on_cluster)
+    assert rows(on_cluster.database_url) == n
+    assert pending(crs, on_cluster) == 0
+    assert [crs.xlen(k.dead) for k in keys] == [int(k is bad) for k in keys]
+    env = worker_env(on_cluster)
+    stats = run_cli(["-m", "sentiment", "stats", "--json"], env)
+    assert stats.returncode == 0, stats.stderr
+    figures = json.loads(stats.stdout)
+    assert [s["stream"] for s in figures["shards"]] == [k.stream for k in keys]
+    assert figures["tables"]["sentiment_analysis"] == n
+    listed = run_cli(["-m", "sentiment", "deadletter", "list"], env)
+    assert listed.returncode == 0 and "missing" in listed.stdout and listed.stdout.count("\n") == 1
+
+
+def test_reclaim_after_a_sigkilled_worker(on_cluster: Settings, crs: redis.cluster.RedisCluster) -> None:
+    keys = shards(on_cluster)
+    n = 600
+    publish(on_cluster.redis_url, [k.stream for k in keys], synthetic_posts(n, seed=4), progress=False)
+    env = worker_env(on_cluster, CONSUMER_NAME="doomed")
+    assert run_cli(["-m", "sentiment", "migrate"], env).returncode == 0
+    locker = psycopg.connect(on_cluster.database_url)
+    locker.execute("LOCK TABLE sentiment_analysis IN ACCESS EXCLUSIVE MODE")  # every write waits
+    proc = start_worker(env)
+    try:
+        wait_for(lambda: all(owed(crs, on_cluster)), "entries pending in every shard")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+        locker.rollback()
+        locker.close()
+    left = pending(crs, on_cluster)
+    assert rows(on_cluster.database_url) == 0 and left > 0
+    done = run_cli([str(ROOT / "scripts" / "reclaim.py"), "--min-idle-ms", "0"], worker_env(on_cluster))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report == {"claimed": left, "processed": left, "dead_lettered": 0, "deleted": 0}
+    assert pending(crs, on_cluster) == 0
+    drain(on_cluster)
+    assert rows(on_cluster.database_url) == n
+    assert rows(on_cluster.database_url, "SELECT count(DISTINCT post_id) FROM sentiment_analysis") == n
+
+
+def stopped_duplicates(log: str) -> int:
+    """The duplicates a worker reported in its last line (`stopped: written W, duplicates D, …`)."""
+    line = next(x for x in reversed(log.splitlines()) if "stopped: written" in x)
+    return int(line.split("duplicates ")[1].split(",")[0])
+
+
+def test_a_master_killed_mid_run_loses_no_post_and_writes_none_twice(
+    on_cluster: Settings, cluster: ThrowawayCluster, crs: redis.cluster.RedisCluster
+) -> None:
+    keys = shards(on_cluster)
+    n = 3000
+    publish(on_cluster.redis_url, [k.stream for k in keys], synthetic_posts(n, seed=5), progress=False)
+    # The posts are on the replicas before the kill: the worker's own writes (deliveries, acks, dead
+    # letters) are what the failover may lose here (docs/reliability.md says what a producer's may).
+    cluster.wait_replicated()
+    with llm_server() as (url, script):
+        # A slow model (0.1 s a request) keeps the run going while the master dies.
+        script.replies.extend(Reply(delay=0.1) for _ in range(100_000))
+        env = worker_env(on_cluster, **llm_env(url))
+        workers = [start_worker(env), start_worker(env)]
+        codes: list[int | None] = []
+        try:
+            wait_for(lambda: rows_so_far(on_cluster.database_url) >= n // 4, "a quarter of the posts", 120)
+            failover_s = cluster.kill_master_of(keys[0].stream)
+            at_kill = rows(on_cluster.database_url)
+            assert at_kill < n, "the run ended before the kill"
+            wait_for(lambda: rows(on_cluster.database_url) == n, "every post", 120)
+            wait_for(lambda: pending(crs, on_cluster) == 0, "nothing pending", 60)
+            assert all(w.poll() is None for w in workers), "a worker exited"
+        finally:
+            logs = []
+            for w in workers:
+                w.send_signal(signal.SIGTERM)
+                logs.append(w.communicate(timeout=60)[1])
+            codes = [w.returncode for w in workers]
+            if codes != [0, 0]:
+                print(*(log[-4000:] for log in logs), sep="\n---- worker log ----\n")
+        # A new process starts from a live node (REDIS_URL's may be the one killed).
+        final = drain(attrs.evolve(on_cluster, redis_url=cluster.url), **llm_env(url))
+    duplicates = sum(stopped_duplicates(log) for log in logs) + stopped_duplicates(final.stderr)
+    analysed = rows(on_cluster.database_url)
+    distinct = rows(on_cluster.database_url, "SELECT count(DISTINCT post_id) FROM sentiment_analysis")
+    left = pending(crs, on_cluster)
+    print(
+        f"\nfailover: posts {n}, masters killed 1 (replica serving after {failover_s:.1f} s, rows at the "
+        f"kill {at_kill}), rows {analysed}, distinct posts {distinct}, duplicates absorbed {duplicates}, "
+        f"pending {left}, worker exit codes {codes}"
+    )
+    assert analysed == distinct == n and left == 0 and codes == [0, 0]
+    assert all("Traceback" not in log for log in logs)
