@@ -193,6 +193,12 @@ class Settings:
                 f"DEAD_LETTER_STREAM must differ from REDIS_STREAM_NAME ({stream}) and from the attempts "
                 f"key ({settings.attempts_key})"
             )
+        if 0 < settings.consumer_remove_idle_ms <= 2 * settings.block_ms:
+            # A live worker's idle time reaches BLOCK_MS between reads: it must never look dead.
+            raise ConfigError(
+                f"CONSUMER_REMOVE_IDLE_MS ({settings.consumer_remove_idle_ms}) must be 0 or more than twice "
+                f"BLOCK_MS ({settings.block_ms})"
+            )
         # Names that cannot carry a shard's hash tag fail here, where they can: on a cluster found by
         # REDIS_CLUSTER=auto, when the worker connects.
         settings.keys(cluster=settings.redis_cluster == "yes")

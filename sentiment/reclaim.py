@@ -13,7 +13,7 @@ from typing import TextIO
 import attrs
 import trio
 
-from .entries import Claimed, Entry, PendingEntry, Stream
+from .entries import Claimed, Entry, PendingEntry, Stream, next_id
 from .parts import Parts
 from .processor import Processor
 from .retry import Health, retrying
@@ -58,9 +58,10 @@ async def claimed_pages(
     while True:
         page = await size("-" if cursor == "0-0" else cursor)
         if page.oversized is not None:
-            # Claimed without its body (JUSTID); the page holds the copy Redis cut, if it is still ours.
-            cursor, ids = await retrying(redis, stream.autoclaim_ids, cursor, min_idle_ms, 1)
-            claimed = Claimed(cursor, (page.oversized,) if ids == [page.oversized.id] else (), ())
+            # Claimed without its body (JUSTID); the page holds the copy Redis cut, if it is now ours.
+            big = page.oversized
+            ids = await retrying(redis, stream.claim, [big.id], min_idle_ms)
+            claimed = Claimed(next_id(big.id), (big,) if ids == [big.id] else (), ())
         else:
             claimed = await retrying(redis, stream.autoclaim, cursor, min_idle_ms, page.size)
         if claimed.deleted:

@@ -125,19 +125,15 @@ class RedisStream(GroupState):
         entries = [Entry(decode(i), f) for i, f in items if i is not None and f]
         return Claimed(decode(next_cursor), tuple(await self.with_deliveries(entries)), deleted)
 
-    async def autoclaim_ids(self, cursor: str, min_idle_ms: int, count: int) -> tuple[str, list[str]]:
-        """XAUTOCLAIM … JUSTID: the entries become ours without their bodies being sent."""
-        reply = await self._call(
-            self._redis.xautoclaim,
-            self.name,
-            self.group,
-            self.consumer,
-            min_idle_ms,
-            start_id=cursor,
-            count=count,
-            justid=True,
+    async def claim(self, ids: Sequence[str], min_idle_ms: int) -> list[str]:
+        """XCLAIM … JUSTID: those of `ids` idle `min_idle_ms` or more become ours (their idle time reset,
+        their delivery count not raised) without their bodies being sent. Returns the IDs claimed."""
+        if not ids:
+            return []
+        claimed: Any = await self._call(
+            self._redis.xclaim, self.name, self.group, self.consumer, min_idle_ms, list(ids), justid=True
         )
-        return decode(reply[0]), [decode(i) for i in reply[1]]
+        return [decode(i) for i in claimed]
 
     async def peek_oversized(self, entry_id: str) -> Entry | None:
         """The entry measured inside Redis: None if it is within the raw bounds (or gone), else a copy of
@@ -324,11 +320,8 @@ class RedisStream(GroupState):
             raise ConfigError(f"--before must be a stream ID such as 1767225600000-0: {exc}") from None
 
     async def renew(self, ids: Sequence[str]) -> None:
-        """XCLAIM our own in-flight entries with JUSTID: resets their idle time, not their delivery count."""
-        if ids:
-            await self._call(
-                self._redis.xclaim, self.name, self.group, self.consumer, 0, list(ids), justid=True
-            )
+        """Our own in-flight entries claimed again: their idle time reset, not their delivery count."""
+        await self.claim(ids, 0)
 
     async def pending(
         self, count: int, *, own: bool = False, idle_ms: int | None = None, start: str = "-"

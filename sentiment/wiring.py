@@ -15,7 +15,8 @@ import trio
 from .analysis import Analyzer
 from .cache import ResultCache
 from .config import Settings
-from .errors import ConfigError
+from .errors import ConfigError, SentimentError
+from .keys import ShardKeys
 from .parts import Parts
 from .post import Limits
 from .processor import Processor
@@ -76,20 +77,57 @@ async def open_streams(settings: Settings, *, wait: bool = False) -> AsyncIterat
                 settings.redis_url, socket_timeout_s=timeout, mode=settings.redis_cluster, wait=wait
             )
         )
-        yield tuple(
-            RedisStream(
-                client,
-                stream=keys.stream,
-                group=settings.group,
-                consumer=settings.consumer,
-                dead_letter=keys.dead,
-                attempts=keys.attempts,
-                dead_letter_max_bytes=settings.dead_letter_max_bytes,
-                max_entry_bytes=settings.max_entry_bytes,
-                max_entry_fields=settings.max_entry_fields,
-            )
-            for keys in settings.keys(cluster=client.cluster)
-        )
+        streams = tuple(_stream(settings, client, keys) for keys in settings.keys(cluster=client.cluster))
+        if wait:  # the worker: say so if work waits under another REDIS_STREAM_SHARDS
+            await _warn_of_other_layouts(settings, client, streams)
+        yield streams
+
+
+def _stream(settings: Settings, client: RedisClient, keys: ShardKeys) -> RedisStream:
+    return RedisStream(
+        client,
+        stream=keys.stream,
+        group=settings.group,
+        consumer=settings.consumer,
+        dead_letter=keys.dead,
+        attempts=keys.attempts,
+        dead_letter_max_bytes=settings.dead_letter_max_bytes,
+        max_entry_bytes=settings.max_entry_bytes,
+        max_entry_fields=settings.max_entry_fields,
+    )
+
+
+OTHER_LAYOUTS_UP_TO = 16  # REDIS_STREAM_SHARDS values looked at for work left behind
+
+
+async def _warn_of_other_layouts(
+    settings: Settings, client: RedisClient, ours: tuple[RedisStream, ...]
+) -> None:
+    """Changing REDIS_STREAM_SHARDS moves the stream to other keys: entries the group has not read or
+    acked under the old count are read by nobody now. One warning per such key (nothing is refused: an
+    operator draining the old layout with a second worker is doing the right thing)."""
+    names = {s.name for s in ours}
+    for n in range(1, OTHER_LAYOUTS_UP_TO + 1):
+        others = attrs.evolve(settings, stream_shards=n).keys(cluster=client.cluster)
+        for keys in (k for k in others if k.stream not in names):
+            names.add(keys.stream)
+            try:
+                stream = _stream(settings, client, keys)
+                if not await stream.length(keys.stream):
+                    continue
+                info = await stream.group_info(count_up_to=1)  # is anything left unread?
+            except SentimentError:
+                return  # an ACL or an outage: this is advice, not worth waiting for
+            if info["pending"] or info["backlog"]:
+                log.warning(
+                    "%s (the stream under REDIS_STREAM_SHARDS=%d) holds entries group %s has not %s: "
+                    "nobody reads them under REDIS_STREAM_SHARDS=%d; drain them with the old setting",
+                    keys.stream,
+                    n,
+                    settings.group,
+                    "acked" if info["pending"] else "read",
+                    settings.stream_shards,
+                )
 
 
 @asynccontextmanager

@@ -3,6 +3,7 @@ PostgreSQL, crashed by the environment again and again, never dead-letter a vali
 
 from __future__ import annotations
 
+import json
 import resource
 import shutil
 import signal
@@ -294,6 +295,35 @@ def test_a_batch_too_large_to_read_is_read_one_by_one_after_max_deliveries(setti
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.parametrize("how", ["reclaim command", "worker"])
+def test_an_entry_too_large_to_read_left_by_a_dead_consumer_is_measured_not_read(
+    settings: Settings, rds: redis.Redis, how: str
+) -> None:
+    # Past MAX_DELIVERIES, the next entry of a dead consumer's pending list is measured in Redis; one
+    # over the raw bounds is claimed without its body (XCLAIM JUSTID) and dead-lettered from a copy.
+    # (Small bounds stand for "too large for the worker's memory".)
+    ok = publish(rds, settings.stream, 3)
+    big = rds.xadd(settings.stream, {"post_id": "big", "content": "x" * 50_000}).decode()
+    rds.xgroup_create(settings.stream, settings.group, id="0")
+    rds.xreadgroup(settings.group, "dead", {settings.stream: ">"})
+    for _ in range(MAX_DELIVERIES + 1):  # each XCLAIM raises the delivery count, as crashes would
+        rds.xclaim(settings.stream, settings.group, "dead", 0, [big])
+    env = worker_env(
+        settings, MAX_DELIVERIES=str(MAX_DELIVERIES), MAX_ENTRY_BYTES="2000", CLAIM_MIN_IDLE_MS="1"
+    )
+    if how == "reclaim command":
+        result = run_cli(["-m", "sentiment", "reclaim", "--min-idle-ms", "0"], env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert json.loads(result.stdout.splitlines()[-1])["dead_lettered"] == 1
+    else:
+        drain(settings, **{k: env[k] for k in ("MAX_DELIVERIES", "MAX_ENTRY_BYTES", "CLAIM_MIN_IDLE_MS")})
+    dead = dead_letters(rds, settings.dead_letter)
+    assert list(dead) == [big] and "measured in Redis" in dead[big].truncated
+    assert dead[big].reason.startswith("invalid post: entry is 50017 bytes in 2 fields")
+    assert rows(settings.database_url) == len(ok)
+    assert rds.xpending(settings.stream, settings.group)["pending"] == 0
 
 
 def test_a_post_that_garbles_the_llms_answer_costs_only_itself(settings: Settings, rds: redis.Redis) -> None:

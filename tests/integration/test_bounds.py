@@ -269,7 +269,7 @@ def test_retention_skips_when_group_state_cannot_be_read(settings: Settings, rds
         # removal (a script that calls XINFO): neither may stop the worker.
         port = free_port()
         env = worker_env(denied, STREAM_RETENTION="1", CLAIM_MIN_IDLE_MS="600000", METRICS_PORT=str(port))
-        proc = start(env | {"CONSUMER_REMOVE_IDLE_MS": "1", "RECLAIM_INTERVAL_MS": "100"})
+        proc = start(env | {"CONSUMER_REMOVE_IDLE_MS": "1000", "RECLAIM_INTERVAL_MS": "100"})
         try:
             wait_for(lambda: rows_so_far(settings.database_url) == 5, "the rows")
             time.sleep(2.5)

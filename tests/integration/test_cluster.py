@@ -59,18 +59,12 @@ def crs(cluster: ThrowawayCluster) -> Iterator[redis.cluster.RedisCluster]:
 @pytest.fixture
 def on_cluster(settings: Settings, cluster: ThrowawayCluster) -> Settings:
     # A stream name of its own, without the conftest's `test:` prefix cleanup (the cluster goes away).
-    return Settings(
-        database_url=settings.database_url,
+    return attrs.evolve(
+        settings,
         redis_url=cluster.url,
         stream=f"posts-{uuid.uuid4().hex[:8]}",
-        consumer="test-worker",
-        batch_size=50,
-        block_ms=100,
         claim_min_idle_ms=1000,
         reclaim_interval_ms=200,
-        shutdown_grace_s=5.0,
-        model_type="noop",
-        metrics_port=0,
         stream_shards=SHARDS,
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+import attrs
 import httpx
 import psycopg
 import redis
@@ -162,3 +163,25 @@ def test_the_worker_counts_the_backlog_where_redis_cannot_tell_the_lag(
         finally:
             worker.terminate()
             worker.communicate(timeout=30)
+
+
+def test_a_worker_says_when_work_waits_under_another_shard_count(
+    settings: Settings, rds: redis.Redis
+) -> None:
+    # Produced under REDIS_STREAM_SHARDS=1, the worker started with 3: those posts are in a key it does
+    # not read. It must say so rather than drain "nothing" in silence.
+    for i in range(5):
+        rds.xadd(settings.stream, {"post_id": f"old{i}", "content": "left behind"})
+    try:
+        result = run_cli(["-m", "sentiment", "run", "--drain"], worker_env(settings, REDIS_STREAM_SHARDS="3"))
+        assert result.returncode == 0, result.stderr[-2000:]
+        [line] = [x for x in result.stderr.splitlines() if "REDIS_STREAM_SHARDS=1" in x]
+        assert settings.stream in line and "has not read" in line and "REDIS_STREAM_SHARDS=3" in line
+        # Drained under the old setting, the key holds nothing unread: no warning.
+        assert run_cli(["-m", "sentiment", "run", "--drain"], worker_env(settings)).returncode == 0
+        again = run_cli(["-m", "sentiment", "run", "--drain"], worker_env(settings, REDIS_STREAM_SHARDS="3"))
+        assert "REDIS_STREAM_SHARDS=1" not in again.stderr, again.stderr[-2000:]
+    finally:
+        for keys in attrs.evolve(settings, stream_shards=3).keys(cluster=False):
+            rds.delete(keys.stream, keys.dead, keys.attempts)
+    assert rows(settings.database_url) == 5

@@ -95,9 +95,15 @@ class FakeStream:
             self.g.last_delivered = i
         return [Entry(i, self.g.entries[i]) for i in fresh], []
 
-    async def autoclaim_ids(self, cursor: str, min_idle_ms: int, count: int) -> tuple[str, list[str]]:
-        claimed = await self.autoclaim(cursor, min_idle_ms, count)
-        return claimed.cursor, [e.id for e in claimed.entries]
+    async def claim(self, ids: Sequence[str], min_idle_ms: int) -> list[str]:
+        self._maybe_fail("renew")
+        now, claimed = trio.current_time(), []
+        for i in ids:
+            p = self.g.pel.get(i)
+            if p is not None and (now - p.delivered_at) * 1000 >= min_idle_ms:
+                self.g.pel[i] = _Pending(self.consumer, now, p.count)
+                claimed.append(i)
+        return claimed
 
     async def peek_oversized(self, entry_id: str) -> Entry | None:
         await trio.lowlevel.checkpoint()
@@ -170,12 +176,7 @@ class FakeStream:
                 self.g.attempts.pop(f"{i}{mark}", None)
 
     async def renew(self, ids: Sequence[str]) -> None:
-        self._maybe_fail("renew")
-        now = trio.current_time()
-        for i in ids:
-            p = self.g.pel.get(i)
-            if p is not None:
-                self.g.pel[i] = _Pending(self.consumer, now, p.count)
+        await self.claim(ids, 0)
 
     async def pending(
         self, count: int, *, own: bool = False, idle_ms: int | None = None, start: str = "-"

@@ -108,6 +108,19 @@ def test_a_dead_letter_key_that_is_another_of_our_keys_is_refused() -> None:
         Settings.from_env({"DEAD_LETTER_STREAM": "social_posts:attempts:sentiment_workers"}, dotenv=None)
 
 
+def test_consumers_are_removed_only_well_past_a_blocking_read() -> None:
+    with pytest.raises(ConfigError, match="CONSUMER_REMOVE_IDLE_MS"):
+        Settings.from_env({"CONSUMER_REMOVE_IDLE_MS": "4000", "BLOCK_MS": "2000"}, dotenv=None)
+    assert Settings.from_env({"CONSUMER_REMOVE_IDLE_MS": "0"}, dotenv=None).consumer_remove_idle_ms == 0
+    assert Settings.from_env({"CONSUMER_REMOVE_IDLE_MS": "4001"}, dotenv=None).consumer_remove_idle_ms == 4001
+
+
+def test_libpq_keyword_strings_and_hashes_lose_their_passwords() -> None:
+    assert mask_url("host=db user=app password='a b' dbname=x") == "host=db user=app password=*** dbname=x"
+    assert mask_url("postgresql://app@db/x?password=ab#cd") == "postgresql://app@db/x?password=***"
+    assert driver_text(ValueError("got password=s3cret"), "host=db password=s3cret") == "got password=***"
+
+
 def test_driver_messages_lose_passwords_and_line_breaks() -> None:
     # libpq echoes a token it cannot decode; both spellings of the password must go.
     dsn = "postgresql://app:p%41ss-word@db/x?sslpassword=s3cret"
