@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -197,3 +198,49 @@ def test_a_master_killed_mid_run_loses_no_post_and_writes_none_twice(
     )
     assert analysed == distinct == n and left == 0 and codes == [0, 0]
     assert all("Traceback" not in log for log in logs)
+
+
+def test_a_shard_resharded_mid_run_is_followed(
+    on_cluster: Settings, cluster: ThrowawayCluster, crs: redis.cluster.RedisCluster
+) -> None:
+    # Shard 0's slot moves to another master key by key while a worker drains (between the first and
+    # the last MIGRATE its keys answer ASK), then back (MOVED): redirections are followed, not errors.
+    keys = shards(on_cluster)
+    n = 2000
+    publish(on_cluster.redis_url, [k.stream for k in keys], synthetic_posts(n, seed=7), progress=False)
+    for i in range(5):
+        crs.xadd(keys[0].stream, {"post_id": f"bad-{i}"})  # no content: dead-lettered beside shard 0
+    slot = str(crs.keyslot(keys[0].stream))
+
+    def move(to_port: int) -> None:
+        source = cluster.master_of(keys[0].stream).port
+        ids = {p: cluster.cli(p, "cluster", "myid").strip() for p in (source, to_port)}
+        cluster.cli(to_port, "cluster", "setslot", slot, "importing", ids[source])
+        cluster.cli(source, "cluster", "setslot", slot, "migrating", ids[to_port])
+        for key in (keys[0].stream, keys[0].dead, keys[0].attempts):
+            cluster.cli(source, "migrate", "127.0.0.1", str(to_port), key, "0", "5000")
+            time.sleep(0.5)
+        for port, role in cluster.roles().items():
+            if role == "master":
+                cluster.cli(port, "cluster", "setslot", slot, "node", ids[to_port])
+
+    with llm_server() as (url, script):
+        script.replies.extend(Reply(delay=0.05) for _ in range(100_000))  # a run long enough to move under
+        worker = start_worker(worker_env(on_cluster, **llm_env(url), BATCH_SIZE="20"))
+        try:
+            wait_for(lambda: rows_so_far(on_cluster.database_url) >= n // 5, "a fifth of the posts", 120)
+            home = cluster.master_of(keys[0].stream).port
+            away = next(p for p, r in cluster.roles().items() if r == "master" and p != home)
+            move(away)
+            assert cluster.master_of(keys[0].stream).port == away
+            move(home)
+            assert rows(on_cluster.database_url) < n, "the run ended before the slot came back"
+            wait_for(lambda: rows(on_cluster.database_url) == n, "every post", 120)
+            wait_for(lambda: pending(crs, on_cluster) == 0, "nothing pending", 60)
+            assert worker.poll() is None, "the worker exited"
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            log = worker.communicate(timeout=60)[1]
+    assert worker.returncode == 0 and "Traceback" not in log, log[-3000:]
+    assert rows(on_cluster.database_url, "SELECT count(DISTINCT post_id) FROM sentiment_analysis") == n
+    assert [crs.xlen(k.dead) for k in keys] == [5, 0, 0]
