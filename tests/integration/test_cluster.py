@@ -74,6 +74,13 @@ def shards(s: Settings) -> tuple[ShardKeys, ...]:
     return s.keys(cluster=True)
 
 
+def published(s: Settings, n: int, seed: int) -> tuple[ShardKeys, ...]:
+    """`n` synthetic posts spread over the shards as `produce` spreads them; the shards' keys."""
+    keys = shards(s)
+    publish(s.redis_url, [k.stream for k in keys], synthetic_posts(n, seed=seed), progress=False)
+    return keys
+
+
 def owed(client: redis.cluster.RedisCluster, s: Settings) -> list[int]:
     """Each shard's pending count (0 before the group exists)."""
     counts = []
@@ -99,9 +106,8 @@ def test_shard_keys_share_a_slot_and_spread_over_the_masters(
 
 
 def test_drain_over_shards(on_cluster: Settings, crs: redis.cluster.RedisCluster) -> None:
-    keys = shards(on_cluster)
     n = 900
-    publish(on_cluster.redis_url, [k.stream for k in keys], synthetic_posts(n, seed=3), progress=False)
+    keys = published(on_cluster, n, seed=3)
     lengths = [crs.xlen(k.stream) for k in keys]
     assert sum(lengths) == n and all(length > 200 for length in lengths), lengths
     bad = keys[shard_of("bad", SHARDS)]
@@ -157,9 +163,8 @@ def stopped_duplicates(log: str) -> int:
 def test_a_master_killed_mid_run_loses_no_post_and_writes_none_twice(
     on_cluster: Settings, cluster: ThrowawayCluster, crs: redis.cluster.RedisCluster
 ) -> None:
-    keys = shards(on_cluster)
     n = 3000
-    publish(on_cluster.redis_url, [k.stream for k in keys], synthetic_posts(n, seed=5), progress=False)
+    keys = published(on_cluster, n, seed=5)
     # The posts are on the replicas before the kill: the worker's own writes (deliveries, acks, dead
     # letters) are what the failover may lose here (docs/reliability.md says what a producer's may).
     cluster.wait_replicated()
@@ -205,9 +210,8 @@ def test_a_shard_resharded_mid_run_is_followed(
 ) -> None:
     # Shard 0's slot moves to another master key by key while a worker drains (between the first and
     # the last MIGRATE its keys answer ASK), then back (MOVED): redirections are followed, not errors.
-    keys = shards(on_cluster)
     n = 2000
-    publish(on_cluster.redis_url, [k.stream for k in keys], synthetic_posts(n, seed=7), progress=False)
+    keys = published(on_cluster, n, seed=7)
     for i in range(5):
         crs.xadd(keys[0].stream, {"post_id": f"bad-{i}"})  # no content: dead-lettered beside shard 0
     slot = str(crs.keyslot(keys[0].stream))
