@@ -222,7 +222,8 @@ def test_a_shard_resharded_mid_run_is_followed(
         cluster.cli(to_port, "cluster", "setslot", slot, "importing", ids[source])
         cluster.cli(source, "cluster", "setslot", slot, "migrating", ids[to_port])
         for key in (keys[0].stream, keys[0].dead, keys[0].attempts):
-            cluster.cli(source, "migrate", "127.0.0.1", str(to_port), key, "0", "5000")
+            moved = cluster.cli(source, "migrate", "127.0.0.1", str(to_port), key, "0", "30000").strip()
+            assert moved in ("OK", "NOKEY"), f"MIGRATE {key}: {moved}"
             time.sleep(0.5)
         for port, role in cluster.roles().items():
             if role == "master":
@@ -240,11 +241,13 @@ def test_a_shard_resharded_mid_run_is_followed(
             move(home)
             assert rows(on_cluster.database_url) < n, "the run ended before the slot came back"
             wait_for(lambda: rows(on_cluster.database_url) == n, "every post", 120)
-            wait_for(lambda: pending(crs, on_cluster) == 0, "nothing pending", 60)
+            wait_for(lambda: pending(crs, on_cluster) == 0, "nothing pending", 120)
             assert worker.poll() is None, "the worker exited"
         finally:
             worker.send_signal(signal.SIGTERM)
             log = worker.communicate(timeout=60)[1]
+            print("pending by shard:", [crs.xpending(k.stream, on_cluster.group)["pending"] for k in keys])
+            print("\n".join(x for x in log.splitlines() if "dead-lettered entry" not in x)[-6000:])
     assert worker.returncode == 0 and "Traceback" not in log, log[-3000:]
     assert rows(on_cluster.database_url, "SELECT count(DISTINCT post_id) FROM sentiment_analysis") == n
     assert [crs.xlen(k.dead) for k in keys] == [5, 0, 0]
