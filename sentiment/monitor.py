@@ -6,9 +6,11 @@ runs in a daemon thread (prometheus_client's own model); it only reads plain att
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
@@ -85,11 +87,10 @@ class Monitor:
     """The probes and metrics of a process's workers: one per shard (see wiring.run_worker), which share
     the parts' store, analyzer and health flags; lag and pending are summed over their streams."""
 
-    def __init__(self, workers: Worker | Sequence[Worker], parts: Parts) -> None:
+    def __init__(self, workers: Worker | Sequence[Worker], parts: Parts, metrics: Metrics) -> None:
         self.workers = (workers,) if isinstance(workers, Worker) else tuple(workers)
         self.parts = parts
-        self.registry = CollectorRegistry()
-        self.metrics = Metrics(self.registry)
+        self.metrics = metrics
         for worker in self.workers:
             worker.on_commit.append(self.metrics.on_commit)
         p = parts
@@ -141,21 +142,6 @@ class Monitor:
                 return False, f"stalled: {len(w.inflight)} entries in flight, no commit for {idle:.0f} s"
         return True, "ok"
 
-    def wsgi(self) -> Callable[..., Iterable[bytes]]:
-        metrics_app = make_wsgi_app(self.registry)
-
-        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-            path = environ.get("PATH_INFO", "")
-            if path in ("/healthz", "/readyz"):
-                ok, text = self.healthy() if path == "/healthz" else self.ready()
-                start_response(
-                    "200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")]
-                )
-                return [text.encode() + b"\n"]
-            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
-
-        return app
-
     async def _sample_groups(self, counted_at: float) -> float:
         """Backlog, lag and pending over every shard; returns when the backlog was last counted."""
         count = time.monotonic() - counted_at >= COUNT_BACKLOG_EVERY_S
@@ -184,8 +170,8 @@ class Monitor:
                     counted_at = await self._sample_groups(counted_at)
                     figures_failing = False
                 except SentimentError as exc:
-                    # Redis answers but will not say (an ACL without XINFO): the figures go missing,
-                    # the worker itself is fine and stays ready.
+                    # Redis answers but will not say (an ACL without XINFO): the figures keep their
+                    # last values (one warning says why); the worker itself is fine and stays ready.
                     if not figures_failing:
                         log.warning("backlog and pending figures not read: %s", exc)
                     figures_failing = True
@@ -202,9 +188,77 @@ class Monitor:
             await trio.sleep(every)
 
 
+class Endpoint:
+    """What METRICS_PORT answers from the start of the process: alive and not ready while the parts are
+    opened (REDIS_CLUSTER=auto asks Redis what it is first, and waits for an answer), then the view of the
+    Monitor that `watch` runs. A probe server that came up only with Redis would leave a pod without
+    /healthz, restarted in a loop by its startup probe, and without the gauges the alerts read."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.monitor: Monitor | None = None
+        self.port = 0
+        self.metrics.redis_up.set(0)  # before the parts exist, Redis's first answer is what is waited for
+        self.metrics.postgres_up.set(math.nan)  # not asked yet: NaN matches no `== 0` alert
+
+    def ready(self) -> tuple[bool, str]:
+        if self.monitor is None:
+            return False, "not ready: starting: waiting for Redis to answer (the log says why)"
+        return self.monitor.ready()
+
+    def healthy(self) -> tuple[bool, str]:
+        return (True, "starting") if self.monitor is None else self.monitor.healthy()
+
+    async def watch(self, workers: Worker | Sequence[Worker], parts: Parts) -> None:
+        """Answer for these workers from now on, and sample their figures until cancelled."""
+        self.monitor = Monitor(workers, parts, self.metrics)
+        await self.monitor.sample()
+
+    def wsgi(self) -> Callable[..., Iterable[bytes]]:
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            path = environ.get("PATH_INFO", "")
+            if path in ("/healthz", "/readyz"):
+                ok, text = self.healthy() if path == "/healthz" else self.ready()
+                start_response(
+                    "200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")]
+                )
+                return [text.encode() + b"\n"]
+            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+
+        return app
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         return None
+
+
+async def serve_endpoint(
+    *, port: int, task_status: trio.TaskStatus[Endpoint] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve /metrics, /healthz, /readyz on `port` (0 in tests: any free port) until cancelled; started()
+    with the Endpoint once it answers."""
+    endpoint = Endpoint()
+    try:
+        server = make_server(
+            "0.0.0.0", port, endpoint.wsgi(), ThreadingWSGIServer, handler_class=_QuietHandler
+        )
+    except OSError as exc:
+        raise SentimentError(f"cannot serve metrics on METRICS_PORT={port}: {exc.strerror}") from None
+    endpoint.port = server.server_port
+    thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+    thread.start()
+    log.info("metrics and health on port %d", server.server_port)
+    try:
+        task_status.started(endpoint)
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):  # shutdown() waits for the serving thread's next poll
+            await trio.to_thread.run_sync(server.shutdown)
+        server.server_close()
 
 
 async def serve_monitor(
@@ -214,21 +268,8 @@ async def serve_monitor(
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve /metrics, /healthz, /readyz on `port` (0 in tests: any free port, reported via started())."""
-    monitor = Monitor(workers, parts)
-    try:
-        server = make_server(
-            "0.0.0.0", port, monitor.wsgi(), ThreadingWSGIServer, handler_class=_QuietHandler
-        )
-    except OSError as exc:
-        raise SentimentError(f"cannot serve metrics on METRICS_PORT={port}: {exc.strerror}") from None
-    thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
-    thread.start()
-    log.info("metrics and health on port %d", server.server_port)
-    try:
-        task_status.started(server.server_port)
-        await monitor.sample()
-    finally:
-        with trio.CancelScope(shield=True):  # shutdown() waits for the serving thread's next poll
-            await trio.to_thread.run_sync(server.shutdown)
-        server.server_close()
+    """An Endpoint watching `workers` from the start (the tests'); started() with the port."""
+    async with trio.open_nursery() as nursery:
+        endpoint: Endpoint = await nursery.start(partial(serve_endpoint, port=port))
+        task_status.started(endpoint.port)
+        await endpoint.watch(workers, parts)

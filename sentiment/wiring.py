@@ -216,23 +216,30 @@ async def run_worker(settings: Settings, *, drain: bool = False) -> list[Worker]
         mask_url(settings.database_url),
         settings.model_type,
     )
-    async with open_shards(settings, wait=True) as shards:
-        workers = [build_worker(settings, parts) for parts in shards]
+    async with trio.open_nursery() as probes:
+        endpoint = None
+        if settings.metrics_port:  # answering before Redis does (see monitor.Endpoint)
+            from .monitor import serve_endpoint
 
-        def stop() -> None:
-            for worker in workers:
-                worker.stop()
+            endpoint = await probes.start(partial(serve_endpoint, port=settings.metrics_port))
+        async with open_shards(settings, wait=True) as shards:
+            workers = [build_worker(settings, parts) for parts in shards]
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(stop_on_signal, stop, lambda: workers[0].stopping, settings.shutdown_grace_s)
-            if settings.metrics_port:
-                from .monitor import serve_monitor
-
-                await nursery.start(serve_monitor, workers, shards[0], settings.metrics_port)
-            async with trio.open_nursery() as each:
+            def stop() -> None:
                 for worker in workers:
-                    each.start_soon(partial(worker.run, drain=drain))
-            nursery.cancel_scope.cancel()
+                    worker.stop()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    stop_on_signal, stop, lambda: workers[0].stopping, settings.shutdown_grace_s
+                )
+                if endpoint is not None:
+                    nursery.start_soon(endpoint.watch, workers, shards[0])
+                async with trio.open_nursery() as each:
+                    for worker in workers:
+                        each.start_soon(partial(worker.run, drain=drain))
+                nursery.cancel_scope.cancel()
+        probes.cancel_scope.cancel()
     t = Totals.sum(w.totals for w in workers)
     cache = shards[0].cache
     hits = f", repeated texts served from the cache {cache.hits}" if cache else ""

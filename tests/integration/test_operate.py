@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import attrs
@@ -13,11 +14,11 @@ import trio
 
 from sentiment.config import Settings
 from sentiment.monitor import serve_monitor
-from sentiment.tools.throwaway import free_port
+from sentiment.tools.throwaway import ThrowawayRedis, free_port, make_workdir
 from sentiment.wiring import build_worker, open_parts
 
 from ..support.fakes import FakeAnalyzer
-from ..support.servers import rows, run_cli, start_worker, worker_env
+from ..support.servers import readyz, rows, run_cli, start_worker, wait_for, worker_env
 
 
 class LazyAnalyzer(FakeAnalyzer):
@@ -185,3 +186,37 @@ def test_a_worker_says_when_work_waits_under_another_shard_count(
         for keys in attrs.evolve(settings, stream_shards=3).keys(cluster=False):
             rds.delete(keys.stream, keys.dead, keys.attempts)
     assert rows(settings.database_url) == 5
+
+
+def test_a_worker_started_while_redis_is_down_answers_its_probes(settings: Settings) -> None:
+    # REDIS_CLUSTER=auto asks Redis what it is before the parts exist. Until it answers, the probes say
+    # "alive, not ready" and redis_up is 0: a pod without /healthz would be restarted in a loop by its
+    # startup probe, and no alert would see why.
+    workdir = make_workdir("sentiment-late-redis-")
+    server = ThrowawayRedis(workdir / "redis")  # not started yet: nothing answers on its port
+    port = free_port()
+    env = worker_env(
+        attrs.evolve(settings, redis_url=server.url), METRICS_PORT=str(port), REDIS_CLUSTER="auto"
+    )
+    worker = start_worker(env)
+    try:
+        wait_for(lambda: readyz(port) is not None, "the probes", 60)
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+        answer = readyz(port)
+        assert answer is not None and answer.status_code == 503 and "waiting for Redis" in answer.text
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert "sentiment_redis_up 0.0" in metrics and "sentiment_ready 0.0" in metrics
+        server.start()
+        wait_for(lambda: readyz_status(port) == 200, "ready once Redis answers", 60)
+        assert "sentiment_redis_up 1.0" in httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    finally:
+        worker.terminate()
+        log = worker.communicate(timeout=30)[1]
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert worker.returncode == 0 and "Traceback" not in log, log[-3000:]
+
+
+def readyz_status(port: int) -> int:
+    answer = readyz(port)
+    return answer.status_code if answer is not None else 0

@@ -36,6 +36,9 @@ def test_compose_services_healthchecks_and_settings() -> None:
     assert set(worker["environment"]) <= Settings.env_names()
     assert worker["environment"]["REDIS_URL"].startswith("redis://redis:")
     assert "@postgres:5432/" in worker["environment"]["DATABASE_URL"]
+    # `environment:` wins over ../.env, and its ${...} are filled from containers/, not from ../.env:
+    # only what points the worker at these services (and its probes and grace) is set there.
+    assert set(worker["environment"]) == {"DATABASE_URL", "REDIS_URL", "METRICS_PORT", "SHUTDOWN_GRACE_S"}
 
 
 def test_env_example_lists_exactly_the_settings() -> None:
