@@ -29,6 +29,12 @@ def main() -> None:
     )
     parser.add_argument("--tweet-repeats", type=int, default=1, help="TweetEval emotion tweets per epoch")
     parser.add_argument("--balanced", action="store_true", help="class-weighted sentiment loss")
+    parser.add_argument(
+        "--holdout",
+        type=int,
+        default=0,
+        help="tweets of the latest training year (2016 test) held out to select epochs and offsets",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--limit", type=int, default=0, help="at most this many examples per task (smoke runs)"
@@ -51,6 +57,7 @@ def main() -> None:
             optimism=None if a.optimism == "none" else a.optimism,
             tweet_repeats=a.tweet_repeats,
             balanced=a.balanced,
+            holdout=a.holdout,
             limit=a.limit,
         )
     )

@@ -30,12 +30,14 @@ class Limits:
         """InvalidPost if the entry is too large to be worth decoding: total bytes, field count, names."""
         if len(fields) > self.fields:
             raise InvalidPost(f"entry has {len(fields)} fields, over the limit of {self.fields}")
-        longest = max((len(k) for k in fields), default=0)
+        longest = size = 0
+        for k, v in fields.items():  # one pass: this runs for every entry
+            longest = max(longest, len(k))
+            size += len(k) + len(v)
         if longest > self.field_name_bytes:
             raise InvalidPost(
                 f"entry has a field name of {longest} bytes, over the limit of {self.field_name_bytes}"
             )
-        size = entry_bytes(fields)
         if size > self.entry_bytes:
             raise InvalidPost(f"entry is {size} bytes, over the limit of {self.entry_bytes}")
 
@@ -105,8 +107,10 @@ class Post:
                 raise InvalidPost(f"field data must hold a JSON object, got {type(obj).__name__}")
             values: dict[str, Any] = obj
         else:
-            values = {_utf8(k, "a field name"): v for k, v in fields.items()}
-            values = {k: _utf8(v, k) for k, v in values.items()}
+            values = {}
+            for k, v in fields.items():
+                name = _utf8(k, "a field name")
+                values[name] = _utf8(v, name)
 
         content, size = _text_and_size(values, "content", required=True)
         if size > max_content_bytes:

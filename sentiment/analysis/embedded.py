@@ -85,6 +85,7 @@ class EmbeddedAnalyzer(LocalAnalyzer):
                     dtype=torch.qint8,
                     inplace=True,  # a copy would hold the fp32 encoder twice while quantizing: +90 MB peak
                 )
+            model.encoder.embeddings.halve_word_vectors()
         self.name = f"{meta['name']}@{meta['version']}"
         self.max_tokens = int(meta.get("max_tokens", MAX_TOKENS))
         self._model = traced(model, [self._encode(texts) for texts in (_TRACE_EXAMPLE, *_TRACE_CHECKS)])

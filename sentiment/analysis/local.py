@@ -7,6 +7,7 @@ inference threads, and returns results in input order."""
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,6 +16,8 @@ import trio
 from ..errors import ModelError
 from .base import Analysis, empty_result
 from .text import normalize_tweet
+
+WARM_TIMEOUT_S = 60.0  # a thread that never starts: the load fails rather than hangs
 
 
 def usable_cores() -> int:
@@ -58,7 +61,20 @@ class LocalAnalyzer:
         if self.streams > 1 and self._pool is None:
             # Lives as long as the analyzer: its threads keep their tokenizers between batches.
             self._pool = ThreadPoolExecutor(self.streams, thread_name_prefix="inference")
+            self._warm(self._pool)
         self._loaded = True
+
+    def _warm(self, pool: ThreadPoolExecutor) -> None:
+        """Every inference thread starts, builds what it keeps (a tokenizer) and runs one chunk now,
+        before the first entry is read: the first batch after a start was the slowest of all (p99)."""
+        barrier = threading.Barrier(self.streams)
+
+        def warm() -> None:
+            barrier.wait(timeout=WARM_TIMEOUT_S)  # each task on its own thread: all of them start
+            self._predict_chunk(["warming up"])
+
+        for future in [pool.submit(warm) for _ in range(self.streams)]:
+            future.result()
 
     def _load_model(self) -> None:
         raise NotImplementedError
@@ -87,7 +103,11 @@ class LocalAnalyzer:
         # Longest first: the streams take the costly chunks while there are many left and end the batch
         # on short ones, so they finish together.
         todo = sorted((i for i, t in enumerate(cleaned) if t), key=lambda i: -len(cleaned[i]))
-        chunks = [todo[start : start + self.chunk] for start in range(0, len(todo), self.chunk)]
+        # A batch too small to give every stream a full chunk is shared out evenly: the few posts of a
+        # quiet stream finish on every core at once instead of queueing on one (latency at low and half
+        # load, docs/benchmarks.md). Full batches keep full chunks.
+        size = max(1, min(self.chunk, -(-len(todo) // self.streams)))
+        chunks = [todo[start : start + size] for start in range(0, len(todo), size)]
 
         def run(idx: list[int]) -> list[Analysis]:
             return self._predict_chunk([cleaned[i] for i in idx])

@@ -207,9 +207,10 @@ def bench_pipeline(
             worker.on_commit.append(on_commit)
             if rate:
                 publisher = threading.Thread(target=paced)
-                publisher.start()
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(worker.run)
+                    # Posts go out once the worker reads: latency of a running worker, not of its start.
+                    await nursery.start(worker.run)
+                    publisher.start()
                     while publisher.is_alive() or len(latencies) < n:  # noqa: ASYNC110 - a thread to watch
                         await trio.sleep(0.05)
                     worker.stop()

@@ -80,3 +80,20 @@ def test_scores_over_a_subset_of_classes_count_other_predictions_as_wrong() -> N
         "anger": {"anger": 1},
         "sadness": {"neutral": 1},
     }
+
+
+def test_holdout_year_is_drawn_from_the_latest_year_and_left_out_of_training(tmp_path: Path) -> None:
+    root = make_data(tmp_path)
+    (root / "semeval2017-task4a" / data.HOLDOUT_YEAR).write_text(
+        "".join(f"{i}\t{('negative', 'neutral', 'positive')[i % 3]}\ttweet {i}\n" for i in range(10))
+        + "10\tneutral\tthe bus is at 5\n11\tpositive\ttweet 1\n"
+    )
+    val = data.tweeteval_sentiment(root, "val")
+    held = data.semeval_holdout(root, 4, seed=13, exclude=val.texts)
+    assert held == data.semeval_holdout(root, 4, seed=13, exclude=val.texts)  # the seed decides
+    assert held != data.semeval_holdout(root, 4, seed=14, exclude=val.texts)
+    assert len(set(held.texts)) == 4 and set(held.texts) <= {f"tweet {i}" for i in range(10)}
+    assert all(int(t.split()[1]) % 3 == label for t, label in zip(held.texts, held.labels, strict=True))
+    train = data.semeval_train(root, exclude=val.texts + held.texts)
+    assert not set(train.texts) & set(held.texts)
+    assert len(train) == 3 + 10 - 4

@@ -6,6 +6,7 @@ selection reads val/dev, and only `evaluate.py` reads the test splits.
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,24 +47,50 @@ def tweeteval_sentiment(data_dir: Path, split: str) -> Examples:
     return Examples(tuple(normalize_tweet(t) for t in texts), tuple(labels))
 
 
+def _semeval_file(path: Path) -> list[tuple[str, int]]:
+    items: list[tuple[str, int]] = []
+    for line in _lines(path):
+        parts = line.split("\t")
+        if len(parts) < 3 or parts[1].strip() not in SENTIMENTS:
+            continue
+        raw = "\t".join(parts[2:]).strip().strip('"')
+        # The 2013 files carry JSON escapes (`\u002c`) literally.
+        text = normalize_tweet(_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), raw))
+        if text:
+            items.append((text, SENTIMENTS.index(parts[1].strip())))
+    return items
+
+
+# The latest year of the training pool: a sample of it selects models the way the 2017 test judges them,
+# across a change of year, which the TweetEval val split (drawn from every year) cannot show.
+HOLDOUT_YEAR = "twitter-2016test-A.txt"
+
+
+def semeval_holdout(data_dir: Path, n: int, seed: int, exclude: Sequence[str] = ()) -> Examples:
+    """`n` distinct tweets of the latest year, drawn with `seed`, none of them in `exclude`."""
+    seen = set(exclude)
+    items = []
+    for text, label in _semeval_file(data_dir / "semeval2017-task4a" / HOLDOUT_YEAR):
+        if text not in seen:
+            seen.add(text)
+            items.append((text, label))
+    random.Random(seed).shuffle(items)
+    chosen = items[:n]
+    return Examples(tuple(t for t, _ in chosen), tuple(label for _, label in chosen))
+
+
 def semeval_train(data_dir: Path, exclude: Sequence[str] = ()) -> Examples:
     """Every SemEval 2013–2016 file, duplicate texts dropped (first label kept), `exclude` texts removed."""
     seen = set(exclude)
     texts: list[str] = []
     labels: list[int] = []
     for path in sorted((data_dir / "semeval2017-task4a").glob("twitter-*-A.txt")):
-        for line in _lines(path):
-            parts = line.split("\t")
-            if len(parts) < 3 or parts[1].strip() not in SENTIMENTS:
-                continue
-            raw = "\t".join(parts[2:]).strip().strip('"')
-            # The 2013 files carry JSON escapes (`\u002c`) literally.
-            text = normalize_tweet(_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), raw))
-            if not text or text in seen:
+        for text, label in _semeval_file(path):
+            if text in seen:
                 continue
             seen.add(text)
             texts.append(text)
-            labels.append(SENTIMENTS.index(parts[1].strip()))
+            labels.append(label)
     return Examples(tuple(texts), tuple(labels))
 
 

@@ -43,6 +43,8 @@ class TrainConfig:
     optimism: str | None = "joy"
     tweet_repeats: int = 1  # TweetEval emotion tweets appear this many times per epoch
     balanced: bool = False  # sentiment loss weighted by inverse class frequency
+    # Tweets of the latest training year held out for selection beside TweetEval val (0: none).
+    holdout: int = 0
 
 
 class LoRALinear(nn.Module):
@@ -183,8 +185,18 @@ def calibrate(logits: np.ndarray, objective: Callable[[np.ndarray], float], roun
     return offsets
 
 
-def sent_scores(val: data.Examples) -> Callable[[np.ndarray], float]:
-    return lambda predicted: data.scores(val.labels, predicted, len(SENTIMENTS))["macro_recall"]
+def sent_scores(*parts: data.Examples) -> Callable[[np.ndarray], float]:
+    """Mean macro-recall over `parts`, on their predictions concatenated in that order."""
+
+    def value(predicted: np.ndarray) -> float:
+        total, start = 0.0, 0
+        for part in parts:
+            end = start + len(part)
+            total += data.scores(part.labels, predicted[start:end], len(SENTIMENTS))["macro_recall"]
+            start = end
+        return total / len(parts)
+
+    return value
 
 
 def emotion_scores(reddit: data.Examples, tweets: data.Examples) -> Callable[[np.ndarray], float]:
@@ -209,7 +221,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     tokenizer = AutoTokenizer.from_pretrained(str(encoder_path()), local_files_only=True)
     sent_val = data.tweeteval_sentiment(cfg.data_dir, "val")
-    sent_train = data.semeval_train(cfg.data_dir, exclude=sent_val.texts)
+    held = data.semeval_holdout(cfg.data_dir, cfg.holdout, cfg.seed, exclude=sent_val.texts)
+    sent_train = data.semeval_train(cfg.data_dir, exclude=sent_val.texts + held.texts)
+    sent_sel: tuple[data.Examples, ...] = (sent_val, held) if len(held) else (sent_val,)
     emo_train = data.goemotions(cfg.data_dir, "train")
     emo_val = data.goemotions(cfg.data_dir, "dev")
     tweet_train = data.tweeteval_emotion(cfg.data_dir, "train", optimism=cfg.optimism)
@@ -220,6 +234,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             data.Examples(ex.texts[: cfg.limit], ex.labels[: cfg.limit])
             for ex in (sent_train, emo_train, tweet_train, sent_val, emo_val, tweet_val)
         )
+        sent_sel = tuple(data.Examples(ex.texts[: cfg.limit], ex.labels[: cfg.limit]) for ex in sent_sel)
     emo_train = data.Examples(
         emo_train.texts + tweet_train.texts * cfg.tweet_repeats,
         emo_train.labels + tweet_train.labels * cfg.tweet_repeats,
@@ -231,7 +246,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         for name, ex in (
             ("sentiment", sent_train),
             ("emotion", emo_train),
-            ("sent_val", sent_val),
+            *((f"sent_val{i}", ex) for i, ex in enumerate(sent_sel)),
             ("emo_val", emo_val),
             ("tweet_val", tweet_val),
         )
@@ -277,6 +292,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "optimism": cfg.optimism,
             "tweet_repeats": cfg.tweet_repeats,
             "balanced": cfg.balanced,
+            "holdout": cfg.holdout,
             "best_epoch": best["epoch"],
             "history": history,
             "train_examples": {
@@ -307,16 +323,27 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             optimizer.step()
             schedule.step()
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        s_val, _ = features["sent_val"].predict(len(sent_val))
+        s_val = np.concatenate(
+            [features[f"sent_val{i}"].predict(len(ex))[0] for i, ex in enumerate(sent_sel)]
+        )
         _, e_val = features["emo_val"].predict(len(emo_val))
         _, t_val = features["tweet_val"].predict(len(tweet_val))
-        s_off = calibrate(s_val, sent_scores(sent_val))
+        s_off = calibrate(s_val, sent_scores(*sent_sel))
         # One set of emotion offsets serves Reddit and tweets alike: the mean of both macro-F1s.
         e_off = calibrate(np.concatenate([e_val, t_val]), emotion_scores(emo_val, tweet_val))
         e_pred, t_pred = (e_val + e_off).argmax(1), (t_val + e_off).argmax(1)
         row = {
             "epoch": epoch + 1,
-            "val_sentiment_macro_recall": sent_scores(sent_val)((s_val + s_off).argmax(1)),
+            "val_sentiment_macro_recall": sent_scores(sent_val)((s_val + s_off)[: len(sent_val)].argmax(1)),
+            **(
+                {
+                    "heldout_year_sentiment_macro_recall": sent_scores(sent_sel[1])(
+                        (s_val + s_off)[len(sent_val) :].argmax(1)
+                    )
+                }
+                if len(sent_sel) > 1
+                else {}
+            ),
             "val_emotion_macro_f1": data.scores(emo_val.labels, e_pred, len(EMOTIONS))["macro_f1"],
             **{
                 f"val_tweet_emotion_{k}": v
@@ -326,7 +353,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         }
         history.append(row)
         tqdm.write(json.dumps(history[-1]))
-        score = row["val_sentiment_macro_recall"] + emotion_scores(emo_val, tweet_val)(
+        score = sent_scores(*sent_sel)((s_val + s_off).argmax(1)) + emotion_scores(emo_val, tweet_val)(
             np.concatenate([e_pred, t_pred])
         )
         if score > best["score"]:
