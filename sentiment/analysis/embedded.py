@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import gc
 import logging
-import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,8 +63,10 @@ class EmbeddedAnalyzer(LocalAnalyzer):
         self.name = "minilm-l6-lora-dual"
         self.max_tokens = MAX_TOKENS
         self._model: Any = None  # DualHead, or its TorchScript trace
-        # One tokenizer per inference thread: no thread waits on another's (a few MB each).
-        self._local = threading.local()
+        # One tokenizer for every inference thread: it is configured once, before any thread uses it, and
+        # after that only encodes, which takes a shared borrow of it (tokenizers' "Already borrowed" comes
+        # from reconfiguring one while another thread encodes). One per thread cost 6 MB each.
+        self._tokenizer: Tokenizer | None = None
 
     def _load_model(self) -> None:
         import torch
@@ -86,19 +88,17 @@ class EmbeddedAnalyzer(LocalAnalyzer):
                     inplace=True,  # a copy would hold the fp32 encoder twice while quantizing: +90 MB peak
                 )
             model.encoder.embeddings.halve_word_vectors()
+            # The fp32 Linear layers that quantization replaced sit in reference cycles: without a
+            # collection now they held ~28 MB through the first minute of work (docs/benchmarks.md).
+            gc.collect()
         self.name = f"{meta['name']}@{meta['version']}"
         self.max_tokens = int(meta.get("max_tokens", MAX_TOKENS))
+        self._tokenizer = Tokenizer(encoder_path(), self.max_tokens)
         self._model = traced(model, [self._encode(texts) for texts in (_TRACE_EXAMPLE, *_TRACE_CHECKS)])
 
     def _encode(self, texts: Sequence[str]) -> Any:
-        return self._tokenizer()(list(texts))
-
-    def _tokenizer(self) -> Tokenizer:
-        tok: Tokenizer | None = getattr(self._local, "tokenizer", None)
-        if tok is None:
-            tok = Tokenizer(encoder_path(), self.max_tokens)
-            self._local.tokenizer = tok
-        return tok
+        assert self._tokenizer is not None
+        return self._tokenizer(list(texts))
 
     def _predict_chunk(self, texts: list[str]) -> list[Analysis]:
         import torch

@@ -59,14 +59,14 @@ class LocalAnalyzer:
         """Load now, in this thread (scripts call it; the worker goes through `load`)."""
         self._load_model()
         if self.streams > 1 and self._pool is None:
-            # Lives as long as the analyzer: its threads keep their tokenizers between batches.
+            # Lives as long as the analyzer: the same threads run every batch.
             self._pool = ThreadPoolExecutor(self.streams, thread_name_prefix="inference")
             self._warm(self._pool)
         self._loaded = True
 
     def _warm(self, pool: ThreadPoolExecutor) -> None:
-        """Every inference thread starts, builds what it keeps (a tokenizer) and runs one chunk now,
-        before the first entry is read: the first batch after a start was the slowest of all (p99)."""
+        """Every inference thread starts and runs one chunk now, before the first entry is read: the
+        first batch after a start was the slowest of all (p99)."""
         barrier = threading.Barrier(self.streams)
 
         def warm() -> None:

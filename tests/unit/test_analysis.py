@@ -119,6 +119,7 @@ class _LengthAnalyzer(LocalAnalyzer):
     def __init__(self, streams: int) -> None:
         super().__init__(chunk=2, streams=streams)
         self.threads: set[str] = set()
+        self.sizes: list[int] = []
 
     def _load_model(self) -> None:
         pass
@@ -128,6 +129,7 @@ class _LengthAnalyzer(LocalAnalyzer):
         import time
 
         self.threads.add(threading.current_thread().name)
+        self.sizes.append(len(texts))
         time.sleep(0.05)  # long enough that a free stream takes the next chunk
         if "boom" in texts:
             raise RuntimeError("shape mismatch")
@@ -151,6 +153,19 @@ def test_streams_spread_chunks_over_threads_and_keep_input_order() -> None:
     assert len(serial.threads) == 1 and len(parallel.threads) == 3
     with pytest.raises(ModelError, match="inference failed: shape mismatch"):
         parallel.predict(["a", "b", "boom", "c", "d"])
+
+
+def test_every_stream_is_warm_after_load_and_a_small_batch_is_shared_out() -> None:
+    analyzer = _LengthAnalyzer(streams=3)
+    analyzer.load_blocking()
+    assert len(analyzer.threads) == 3 and analyzer.sizes == [1, 1, 1]  # each stream ran a chunk at load
+    analyzer.threads.clear()
+    analyzer.sizes.clear()
+    analyzer.predict(["a", "bb", "ccc"])  # under a full chunk per stream: one text on each
+    assert len(analyzer.threads) == 3 and analyzer.sizes == [1, 1, 1]
+    analyzer.sizes.clear()
+    analyzer.predict(["x" * n for n in range(1, 13)])  # enough for every stream: full chunks
+    assert analyzer.sizes == [2] * 6
 
 
 @pytest.mark.model
