@@ -216,30 +216,41 @@ async def run_worker(settings: Settings, *, drain: bool = False) -> list[Worker]
         mask_url(settings.database_url),
         settings.model_type,
     )
+    workers: list[Worker] = []
+    # Start-up may wait for Redis a long time (REDIS_CLUSTER=auto): a signal then ends it at once, with a
+    # log line, rather than the default action. Once the workers exist a signal stops them gracefully.
+    opening = trio.CancelScope()
+
+    def stop() -> None:
+        if not workers:
+            opening.cancel()
+        for worker in workers:
+            worker.stop()
+
+    def stopping() -> bool:
+        return opening.cancel_called or any(w.stopping for w in workers)
+
     async with trio.open_nursery() as probes:
+        probes.start_soon(stop_on_signal, stop, stopping, settings.shutdown_grace_s)
         endpoint = None
         if settings.metrics_port:  # answering before Redis does (see monitor.Endpoint)
             from .monitor import serve_endpoint
 
             endpoint = await probes.start(partial(serve_endpoint, port=settings.metrics_port))
-        async with open_shards(settings, wait=True) as shards:
-            workers = [build_worker(settings, parts) for parts in shards]
-
-            def stop() -> None:
-                for worker in workers:
-                    worker.stop()
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(
-                    stop_on_signal, stop, lambda: workers[0].stopping, settings.shutdown_grace_s
-                )
-                if endpoint is not None:
-                    nursery.start_soon(endpoint.watch, workers, shards[0])
-                async with trio.open_nursery() as each:
-                    for worker in workers:
-                        each.start_soon(partial(worker.run, drain=drain))
-                nursery.cancel_scope.cancel()
+        with opening:
+            async with open_shards(settings, wait=True) as shards:
+                workers.extend(build_worker(settings, parts) for parts in shards)
+                async with trio.open_nursery() as nursery:
+                    if endpoint is not None:
+                        nursery.start_soon(endpoint.watch, workers, shards[0])
+                    async with trio.open_nursery() as each:
+                        for worker in workers:
+                            each.start_soon(partial(worker.run, drain=drain))
+                    nursery.cancel_scope.cancel()
         probes.cancel_scope.cancel()
+    if not workers:
+        log.info("stopped during start-up: nothing was read")
+        return workers
     t = Totals.sum(w.totals for w in workers)
     cache = shards[0].cache
     hits = f", repeated texts served from the cache {cache.hits}" if cache else ""

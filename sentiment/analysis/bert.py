@@ -61,8 +61,12 @@ class _Embeddings(nn.Module):
         return out
 
     def halve_word_vectors(self) -> None:
-        """Store the word vectors, the largest tensor (30,522 × 384: 47 MB), in fp16: a looked-up
-        vector differs by less than fp16's rounding, far below what int8 Linear layers change."""
+        """Store the word vectors, the largest tensor (30,522 × 384: 47 MB), in fp16 (23 MB).
+
+        Under fp32 Linear layers the outputs move by under 1e-4. Under int8 ones, whose activation scales
+        follow each chunk's values, a borderline text can change label, as it can between int8 and fp32:
+        5% of TweetEval sentiment val labels changed, macro-recall 0.745 → 0.740, TweetEval emotion val
+        macro-F1 0.824 → 0.827. Used only with int8, whose figures are measured with it."""
         self.word_embeddings.half()
 
 

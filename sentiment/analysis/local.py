@@ -59,9 +59,15 @@ class LocalAnalyzer:
         """Load now, in this thread (scripts call it; the worker goes through `load`)."""
         self._load_model()
         if self.streams > 1 and self._pool is None:
-            # Lives as long as the analyzer: the same threads run every batch.
-            self._pool = ThreadPoolExecutor(self.streams, thread_name_prefix="inference")
-            self._warm(self._pool)
+            # Lives as long as the analyzer: the same threads run every batch. Kept only once warm: a
+            # load that failed here is tried whole again, warm-up included.
+            pool = ThreadPoolExecutor(self.streams, thread_name_prefix="inference")
+            try:
+                self._warm(pool)
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            self._pool = pool
         self._loaded = True
 
     def _warm(self, pool: ThreadPoolExecutor) -> None:

@@ -215,3 +215,23 @@ def test_a_worker_started_while_redis_is_down_answers_its_probes(settings: Setti
         server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     assert worker.returncode == 0 and "Traceback" not in log, log[-3000:]
+
+
+def test_sigterm_while_the_worker_waits_for_redis_at_start_ends_it_at_once(settings: Settings) -> None:
+    workdir = make_workdir("sentiment-late-redis-")
+    server = ThrowawayRedis(workdir / "redis")  # never started
+    port = free_port()
+    env = worker_env(
+        attrs.evolve(settings, redis_url=server.url), METRICS_PORT=str(port), REDIS_CLUSTER="auto"
+    )
+    worker = start_worker(env)
+    try:
+        wait_for(lambda: readyz(port) is not None, "the probes", 60)  # up, and waiting for Redis
+        worker.terminate()
+        log = worker.communicate(timeout=15)[1]
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert worker.returncode == 0, log[-3000:]
+    assert "received SIGTERM" in log and "stopped during start-up: nothing was read" in log

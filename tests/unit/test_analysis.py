@@ -168,6 +168,27 @@ def test_every_stream_is_warm_after_load_and_a_small_batch_is_shared_out() -> No
     assert analyzer.sizes == [2] * 6
 
 
+def test_a_failed_warm_up_fails_the_load_and_the_next_load_warms_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    analyzer = _LengthAnalyzer(streams=2)
+    run_chunk, calls = analyzer._predict_chunk, []
+
+    def first_fails(texts: list[str]) -> list[Analysis]:
+        calls.append(texts)
+        if len(calls) == 1:
+            raise RuntimeError("no memory for the warm-up")
+        return run_chunk(texts)
+
+    monkeypatch.setattr(analyzer, "_predict_chunk", first_fails)
+    with pytest.raises(RuntimeError, match="warm-up"):
+        analyzer.load_blocking()
+    assert not analyzer.loaded
+    analyzer.threads.clear()
+    analyzer.load_blocking()
+    assert analyzer.loaded and len(analyzer.threads) == 2  # a new pool, every thread warmed
+
+
 @pytest.mark.model
 async def test_shipped_default_model_gets_obvious_cases_right() -> None:
     from sentiment.analysis.embedded import EmbeddedAnalyzer
@@ -248,6 +269,7 @@ def test_default_model_streams_give_the_same_answers_as_one() -> None:
     one, two = EmbeddedAnalyzer(threads=1, chunk=4), EmbeddedAnalyzer(threads=2, chunk=4)
     for analyzer in (one, two):
         analyzer.load_blocking()
-    # Same chunks whichever thread runs them, so int8 gives bit-identical results.
+    # Same chunks whichever thread runs them (40 texts fill a chunk of 4 on every stream; a smaller batch
+    # is shared out by the number of streams), so int8 gives bit-identical results.
     assert two.streams == 2 and two.predict(texts) == one.predict(texts)
     assert isinstance(one._model, torch.jit.ScriptModule)  # the trace agreed with eager at load

@@ -51,3 +51,16 @@ def test_tweet_emotion_scores_three_classes_of_six_way_output(
     assert result["macro_f1"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="tweet-emotion"):
         evaluate.evaluate(tmp_path, "irony")
+
+
+def test_the_validation_split_reads_val_files_and_never_test(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(evaluate, "EmbeddedAnalyzer", KeywordModel)
+    root = make_tweet_emotion(tmp_path, "val")  # no test files at all
+    result = evaluate.evaluate(root, "tweet-emotion", split="val")
+    assert (result["split"], result["n"]) == ("val", 3)
+    with pytest.raises(FileNotFoundError):
+        evaluate.evaluate(root, "tweet-emotion")
+    with pytest.raises(ValueError, match="split"):
+        evaluate.evaluate(root, "tweet-emotion", split="train")

@@ -68,6 +68,8 @@ HOLDOUT_YEAR = "twitter-2016test-A.txt"
 
 def semeval_holdout(data_dir: Path, n: int, seed: int, exclude: Sequence[str] = ()) -> Examples:
     """`n` distinct tweets of the latest year, drawn with `seed`, none of them in `exclude`."""
+    if n <= 0:
+        return Examples((), ())
     seen = set(exclude)
     items = []
     for text, label in _semeval_file(data_dir / "semeval2017-task4a" / HOLDOUT_YEAR):
