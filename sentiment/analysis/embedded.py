@@ -89,7 +89,7 @@ class EmbeddedAnalyzer(LocalAnalyzer):
                 )
             model.encoder.embeddings.halve_word_vectors()
             # The fp32 Linear layers that quantization replaced sit in reference cycles: without a
-            # collection now they held ~28 MB through the first minute of work (docs/benchmarks.md).
+            # collection now they held ~28 MB through the first 20 s of work (docs/benchmarks.md).
             gc.collect()
         self.name = f"{meta['name']}@{meta['version']}"
         self.max_tokens = int(meta.get("max_tokens", MAX_TOKENS))
