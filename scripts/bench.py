@@ -14,8 +14,7 @@ import sys
 from pathlib import Path
 
 from sentiment.config import Settings
-from sentiment.tools import bench
-from sentiment.tools.bench_report import latency_sweep, plots, run_all, write_markdown
+from sentiment.tools.bench_report import plots, run_all, run_latency, write_markdown
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -32,11 +31,11 @@ def main() -> None:
     a = parser.parse_args()
     settings = Settings.from_env()
     if a.latency:
-        model = bench.in_child(bench.bench_model, 3000, 64, a.repeat, 0)["posts_per_s"]
-        sweep = latency_sweep(settings.redis_url, settings.database_url, model, quick=False)
-        plots({"latency_sweep": sweep}, DOCS / "benchmarks")
-        trimmed = [{k: v for k, v in s.items() if k != "latencies_ms"} for s in sweep]
-        print(json.dumps({"model_posts_per_s": model, "latency_sweep": trimmed}))
+        r = run_latency(settings.redis_url, settings.database_url, repeat=a.repeat)
+        plots(r, DOCS / "benchmarks")
+        for point in r["latency_sweep"]:
+            del point["latencies_ms"]
+        print(json.dumps(r))
         return
     results = run_all(
         settings.redis_url, settings.database_url, quick=a.quick, repeat=1 if a.quick else a.repeat

@@ -30,14 +30,12 @@ class Limits:
         """InvalidPost if the entry is too large to be worth decoding: total bytes, field count, names."""
         if len(fields) > self.fields:
             raise InvalidPost(f"entry has {len(fields)} fields, over the limit of {self.fields}")
-        longest = size = 0
-        for k, v in fields.items():  # one pass: this runs for every entry
-            longest = max(longest, len(k))
-            size += len(k) + len(v)
+        longest = max(map(len, fields), default=0)
         if longest > self.field_name_bytes:
             raise InvalidPost(
                 f"entry has a field name of {longest} bytes, over the limit of {self.field_name_bytes}"
             )
+        size = entry_bytes(fields)
         if size > self.entry_bytes:
             raise InvalidPost(f"entry is {size} bytes, over the limit of {self.entry_bytes}")
 

@@ -8,6 +8,7 @@ checks that both give the same hidden states."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -161,8 +162,8 @@ class BertEncoder(nn.Module):
         return x
 
 
-def owned_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """The file's tensors, each copied out of its own memory map of the file.
+def owned_tensors(path: Path, wanted: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+    """The file's `wanted` tensors, each copied out of its own memory map of the file.
 
     safetensors hands out tensors that share one map of the file: a model built on them kept the whole
     file resident (85 of its 90 MB) after quantization had replaced most of it, and the merged deltas
@@ -171,7 +172,7 @@ def owned_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        keys = list(f.keys())
+        keys = [key for key in f.keys() if wanted(key)]  # noqa: SIM118 - safe_open is no dict
     tensors = {}
     for key in keys:
         with safe_open(str(path), framework="pt") as f:
@@ -186,11 +187,11 @@ def load(folder: Path) -> BertEncoder:
     copy of the weights in memory, not three (random initial ones, the file's, the module's)."""
     with torch.device("meta"):
         model = BertEncoder(BertConfig.read(folder / "config.json"))
-    weights = owned_tensors(folder / "model.safetensors")
     # Not parameters: position_ids is a buffer transformers keeps; the pooler is unused by mean pooling.
-    weights = {
-        k: v for k, v in weights.items() if k != "embeddings.position_ids" and not k.startswith("pooler.")
-    }
+    weights = owned_tensors(
+        folder / "model.safetensors",
+        lambda k: k != "embeddings.position_ids" and not k.startswith("pooler."),
+    )
     missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
     if missing or unexpected:
         raise ModelError(f"the encoder in {folder} does not fit: missing {missing}, unexpected {unexpected}")

@@ -30,7 +30,7 @@ def run_all(redis_url: str, database_url: str, *, quick: bool, repeat: int) -> d
     n_e2e = 1500 if quick else 10_000
     n_pipe = 20_000 if quick else 100_000
     r: dict[str, Any] = {"machine": machine(), "quick": quick}
-    r["model_int8"] = bench.in_child(bench.bench_model, n_model, 64, repeat, 0)
+    r["model_int8"] = _model_int8(n_model, repeat)
     r["model_fp32"] = (
         bench.in_child(bench.bench_model, n_model // 2, 64, repeat, 0, False) if not quick else None
     )
@@ -97,6 +97,17 @@ def run_all(redis_url: str, database_url: str, *, quick: bool, repeat: int) -> d
     return r
 
 
+def _model_int8(n: int, repeat: int) -> dict[str, Any]:
+    return bench.in_child(bench.bench_model, n, 64, repeat, 0)
+
+
+def run_latency(redis_url: str, database_url: str, *, repeat: int) -> dict[str, Any]:
+    """`--latency`: the model's capacity, then the full latency sweep against it."""
+    r: dict[str, Any] = {"machine": machine(), "model_int8": _model_int8(3000, repeat)}
+    r["latency_sweep"] = latency_sweep(redis_url, database_url, r["model_int8"]["posts_per_s"], quick=False)
+    return r
+
+
 def latency_sweep(redis_url: str, database_url: str, model: float, *, quick: bool) -> list[dict[str, Any]]:
     """Posts published at shares of the model's capacity (`model` posts/s), as they come: latency
     XADD → commit at each."""
@@ -151,17 +162,15 @@ def plots(r: dict[str, Any], folder: Path) -> list[str]:
         ylabel="XADD → commit (ms)",
         title="Latency vs offered load",
     )
-    if "latency" not in r:  # `--latency`: the sweep alone
-        plt.close("all")
-        return made
-    lat = r["latency"]["latencies_ms"]
-    figure(
-        "latency_cdf.png",
-        lambda ax: ax.plot(lat, [i / max(1, len(lat) - 1) for i in range(len(lat))]),
-        xlabel="XADD → commit (ms)",
-        ylabel="fraction of posts",
-        title="Latency CDF at half of model capacity",
-    )
+    if latency := r.get("latency"):  # not in `--latency` runs, the sweep alone
+        lat = latency["latencies_ms"]
+        figure(
+            "latency_cdf.png",
+            lambda ax: ax.plot(lat, [i / max(1, len(lat) - 1) for i in range(len(lat))]),
+            xlabel="XADD → commit (ms)",
+            ylabel="fraction of posts",
+            title="Latency CDF at half of model capacity",
+        )
     if batches := r.get("batch_sweep"):
         figure(
             "batch_size.png",

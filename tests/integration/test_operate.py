@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import attrs
 import httpx
@@ -188,12 +191,12 @@ def test_a_worker_says_when_work_waits_under_another_shard_count(
     assert rows(settings.database_url) == 5
 
 
-def test_a_worker_started_while_redis_is_down_answers_its_probes(settings: Settings) -> None:
-    # REDIS_CLUSTER=auto asks Redis what it is before the parts exist. Until it answers, the probes say
-    # "alive, not ready" and redis_up is 0: a pod without /healthz would be restarted in a loop by its
-    # startup probe, and no alert would see why.
+@contextmanager
+def worker_before_redis(settings: Settings) -> Iterator[tuple[subprocess.Popen[str], ThrowawayRedis, int]]:
+    """A worker process (REDIS_CLUSTER=auto, probes on the returned port) whose Redis is not started yet:
+    it is up and answering its probes when this yields. Its server is stopped and its files removed after."""
     workdir = make_workdir("sentiment-late-redis-")
-    server = ThrowawayRedis(workdir / "redis")  # not started yet: nothing answers on its port
+    server = ThrowawayRedis(workdir / "redis")  # not started: nothing answers on its port
     port = free_port()
     env = worker_env(
         attrs.evolve(settings, redis_url=server.url), METRICS_PORT=str(port), REDIS_CLUSTER="auto"
@@ -201,6 +204,20 @@ def test_a_worker_started_while_redis_is_down_answers_its_probes(settings: Setti
     worker = start_worker(env)
     try:
         wait_for(lambda: readyz(port) is not None, "the probes", 60)
+        yield worker, server, port
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate(timeout=30)
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_a_worker_started_while_redis_is_down_answers_its_probes(settings: Settings) -> None:
+    # REDIS_CLUSTER=auto asks Redis what it is before the parts exist. Until it answers, the probes say
+    # "alive, not ready" and redis_up is 0: a pod without /healthz would be restarted in a loop by its
+    # startup probe, and no alert would see why.
+    with worker_before_redis(settings) as (worker, server, port):
         assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
         answer = readyz(port)
         assert answer is not None and answer.status_code == 503 and "waiting for Redis" in answer.text
@@ -209,29 +226,14 @@ def test_a_worker_started_while_redis_is_down_answers_its_probes(settings: Setti
         server.start()
         wait_for(lambda: readyz_text(port).startswith("ready"), "ready once Redis answers", 60)
         assert "sentiment_redis_up 1.0" in httpx.get(f"http://127.0.0.1:{port}/metrics").text
-    finally:
         worker.terminate()
         log = worker.communicate(timeout=30)[1]
-        server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
     assert worker.returncode == 0 and "Traceback" not in log, log[-3000:]
 
 
 def test_sigterm_while_the_worker_waits_for_redis_at_start_ends_it_at_once(settings: Settings) -> None:
-    workdir = make_workdir("sentiment-late-redis-")
-    server = ThrowawayRedis(workdir / "redis")  # never started
-    port = free_port()
-    env = worker_env(
-        attrs.evolve(settings, redis_url=server.url), METRICS_PORT=str(port), REDIS_CLUSTER="auto"
-    )
-    worker = start_worker(env)
-    try:
-        wait_for(lambda: readyz(port) is not None, "the probes", 60)  # up, and waiting for Redis
+    with worker_before_redis(settings) as (worker, _, _):
         worker.terminate()
         log = worker.communicate(timeout=15)[1]
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-        shutil.rmtree(workdir, ignore_errors=True)
     assert worker.returncode == 0, log[-3000:]
     assert "received SIGTERM" in log and "stopped during start-up: nothing was read" in log

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import attrs
@@ -66,34 +66,34 @@ def _semeval_file(path: Path) -> list[tuple[str, int]]:
 HOLDOUT_YEAR = "twitter-2016test-A.txt"
 
 
+def _distinct(items: Iterable[tuple[str, int]], exclude: Sequence[str]) -> list[tuple[str, int]]:
+    """The first item of each text, none whose text is in `exclude`."""
+    seen = set(exclude)
+    kept = []
+    for text, label in items:
+        if text not in seen:
+            seen.add(text)
+            kept.append((text, label))
+    return kept
+
+
+def _examples(items: Sequence[tuple[str, int]]) -> Examples:
+    return Examples(tuple(t for t, _ in items), tuple(label for _, label in items))
+
+
 def semeval_holdout(data_dir: Path, n: int, seed: int, exclude: Sequence[str] = ()) -> Examples:
     """`n` distinct tweets of the latest year, drawn with `seed`, none of them in `exclude`."""
     if n <= 0:
         return Examples((), ())
-    seen = set(exclude)
-    items = []
-    for text, label in _semeval_file(data_dir / "semeval2017-task4a" / HOLDOUT_YEAR):
-        if text not in seen:
-            seen.add(text)
-            items.append((text, label))
+    items = _distinct(_semeval_file(data_dir / "semeval2017-task4a" / HOLDOUT_YEAR), exclude)
     random.Random(seed).shuffle(items)
-    chosen = items[:n]
-    return Examples(tuple(t for t, _ in chosen), tuple(label for _, label in chosen))
+    return _examples(items[:n])
 
 
 def semeval_train(data_dir: Path, exclude: Sequence[str] = ()) -> Examples:
     """Every SemEval 2013–2016 file, duplicate texts dropped (first label kept), `exclude` texts removed."""
-    seen = set(exclude)
-    texts: list[str] = []
-    labels: list[int] = []
-    for path in sorted((data_dir / "semeval2017-task4a").glob("twitter-*-A.txt")):
-        for text, label in _semeval_file(path):
-            if text in seen:
-                continue
-            seen.add(text)
-            texts.append(text)
-            labels.append(label)
-    return Examples(tuple(texts), tuple(labels))
+    paths = sorted((data_dir / "semeval2017-task4a").glob("twitter-*-A.txt"))
+    return _examples(_distinct((item for path in paths for item in _semeval_file(path)), exclude))
 
 
 def goemotions(data_dir: Path, split: str) -> Examples:

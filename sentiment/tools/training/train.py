@@ -10,7 +10,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -185,18 +185,18 @@ def calibrate(logits: np.ndarray, objective: Callable[[np.ndarray], float], roun
     return offsets
 
 
+def sent_recalls(parts: Sequence[data.Examples], predicted: np.ndarray) -> list[float]:
+    """Macro-recall of each of `parts`, on their predictions concatenated in that order."""
+    ends = np.cumsum([len(part) for part in parts])
+    return [
+        data.scores(part.labels, chunk, len(SENTIMENTS))["macro_recall"]
+        for part, chunk in zip(parts, np.split(predicted, ends[:-1]), strict=True)
+    ]
+
+
 def sent_scores(*parts: data.Examples) -> Callable[[np.ndarray], float]:
-    """Mean macro-recall over `parts`, on their predictions concatenated in that order."""
-
-    def value(predicted: np.ndarray) -> float:
-        total, start = 0.0, 0
-        for part in parts:
-            end = start + len(part)
-            total += data.scores(part.labels, predicted[start:end], len(SENTIMENTS))["macro_recall"]
-            start = end
-        return total / len(parts)
-
-    return value
+    """Mean macro-recall over `parts` (`sent_recalls`)."""
+    return lambda predicted: float(np.mean(sent_recalls(parts, predicted)))
 
 
 def emotion_scores(reddit: data.Examples, tweets: data.Examples) -> Callable[[np.ndarray], float]:
@@ -223,18 +223,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     sent_val = data.tweeteval_sentiment(cfg.data_dir, "val")
     held = data.semeval_holdout(cfg.data_dir, cfg.holdout, cfg.seed, exclude=sent_val.texts)
     sent_train = data.semeval_train(cfg.data_dir, exclude=sent_val.texts + held.texts)
-    sent_sel: tuple[data.Examples, ...] = (sent_val, held) if len(held) else (sent_val,)
     emo_train = data.goemotions(cfg.data_dir, "train")
     emo_val = data.goemotions(cfg.data_dir, "dev")
     tweet_train = data.tweeteval_emotion(cfg.data_dir, "train", optimism=cfg.optimism)
     # Selection scores what the goal scores: tweets labelled anger, joy or sadness.
     tweet_val = data.tweeteval_emotion(cfg.data_dir, "val")
     if cfg.limit:
-        sent_train, emo_train, tweet_train, sent_val, emo_val, tweet_val = (
+        sent_train, emo_train, tweet_train, sent_val, held, emo_val, tweet_val = (
             data.Examples(ex.texts[: cfg.limit], ex.labels[: cfg.limit])
-            for ex in (sent_train, emo_train, tweet_train, sent_val, emo_val, tweet_val)
+            for ex in (sent_train, emo_train, tweet_train, sent_val, held, emo_val, tweet_val)
         )
-        sent_sel = tuple(data.Examples(ex.texts[: cfg.limit], ex.labels[: cfg.limit]) for ex in sent_sel)
+    # Sentiment selection sets: TweetEval val, then the held-out year when there is one.
+    sent_sel = (sent_val, held) if len(held) else (sent_val,)
     emo_train = data.Examples(
         emo_train.texts + tweet_train.texts * cfg.tweet_repeats,
         emo_train.labels + tweet_train.labels * cfg.tweet_repeats,
@@ -329,20 +329,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         _, e_val = features["emo_val"].predict(len(emo_val))
         _, t_val = features["tweet_val"].predict(len(tweet_val))
         s_off = calibrate(s_val, sent_scores(*sent_sel))
+        recalls = sent_recalls(sent_sel, (s_val + s_off).argmax(1))
         # One set of emotion offsets serves Reddit and tweets alike: the mean of both macro-F1s.
         e_off = calibrate(np.concatenate([e_val, t_val]), emotion_scores(emo_val, tweet_val))
         e_pred, t_pred = (e_val + e_off).argmax(1), (t_val + e_off).argmax(1)
         row = {
             "epoch": epoch + 1,
-            "val_sentiment_macro_recall": sent_scores(sent_val)((s_val + s_off)[: len(sent_val)].argmax(1)),
-            **(
-                {
-                    "heldout_year_sentiment_macro_recall": sent_scores(sent_sel[1])(
-                        (s_val + s_off)[len(sent_val) :].argmax(1)
-                    )
-                }
-                if len(sent_sel) > 1
-                else {}
+            **dict(
+                zip(
+                    ("val_sentiment_macro_recall", "heldout_year_sentiment_macro_recall"),
+                    recalls,
+                    strict=False,
+                )
             ),
             "val_emotion_macro_f1": data.scores(emo_val.labels, e_pred, len(EMOTIONS))["macro_f1"],
             **{
@@ -353,9 +351,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         }
         history.append(row)
         tqdm.write(json.dumps(history[-1]))
-        score = sent_scores(*sent_sel)((s_val + s_off).argmax(1)) + emotion_scores(emo_val, tweet_val)(
-            np.concatenate([e_pred, t_pred])
-        )
+        score = float(np.mean(recalls)) + emotion_scores(emo_val, tweet_val)(np.concatenate([e_pred, t_pred]))
         if score > best["score"]:
             best = {"score": score, "epoch": epoch + 1, "tensors": _export(model, wrapped, s_off, e_off)}
             save()
