@@ -1,6 +1,6 @@
 """Benchmarks: the model alone, end to end, the pipeline's ceiling beside the raw floor, sweeps, plots.
 
-  python scripts/bench.py --quick     # under two minutes; last line: the headline JSON
+  python scripts/bench.py --quick     # about four minutes; last line: the headline JSON
   python scripts/bench.py             # everything, writes docs/benchmarks.md and docs/benchmarks/*.png
   python scripts/bench.py --latency   # the latency sweep alone: docs/benchmarks/latency_load.png
 
@@ -24,7 +24,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="small runs, no sweeps, no files written")
-    parser.add_argument("--repeat", type=int, default=3, help="repetitions (medians are reported)")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="rounds of each comparison (medians are reported)"
+    )
     parser.add_argument(
         "--latency", action="store_true", help="only latency by offered load, and its plot (a few minutes)"
     )
@@ -37,9 +39,7 @@ def main() -> None:
             del point["latencies_ms"]
         print(json.dumps(r))
         return
-    results = run_all(
-        settings.redis_url, settings.database_url, quick=a.quick, repeat=1 if a.quick else a.repeat
-    )
+    results = run_all(settings.redis_url, settings.database_url, quick=a.quick, repeat=a.repeat)
     if not a.quick:
         images = plots(results, DOCS / "benchmarks")
         write_markdown(results, DOCS / "benchmarks.md", "python " + " ".join(sys.argv), images)

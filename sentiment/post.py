@@ -55,7 +55,7 @@ class Measured:
 
 
 def entry_bytes(fields: Mapping[bytes, bytes]) -> int:
-    return sum(len(k) + len(v) for k, v in fields.items())
+    return sum(map(len, fields)) + sum(map(len, fields.values()))
 
 
 def entry_time(entry_id: str) -> datetime:
@@ -105,10 +105,12 @@ class Post:
                 raise InvalidPost(f"field data must hold a JSON object, got {type(obj).__name__}")
             values: dict[str, Any] = obj
         else:
-            values = {}
-            for k, v in fields.items():
-                name = _utf8(k, "a field name")
-                values[name] = _utf8(v, name)
+            try:
+                values = {k.decode(): v.decode() for k, v in fields.items()}
+            except UnicodeDecodeError:
+                for k, v in fields.items():  # which field: for the reason
+                    _utf8(v, _utf8(k, "a field name"))
+                raise
 
         content, size = _text_and_size(values, "content", required=True)
         if size > max_content_bytes:
