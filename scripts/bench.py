@@ -1,6 +1,6 @@
 """Benchmarks: the model alone, end to end, the pipeline's ceiling beside the raw floor, sweeps, plots.
 
-  python scripts/bench.py --quick     # about four minutes; last line: the headline JSON
+  python scripts/bench.py --quick     # about three minutes; last line: the headline JSON
   python scripts/bench.py             # everything, writes docs/benchmarks.md and docs/benchmarks/*.png
   python scripts/bench.py --latency   # the latency sweep alone: docs/benchmarks/latency_load.png
 
