@@ -12,7 +12,8 @@ from typing import Any
 
 from . import bench
 
-Runner = Callable[[], dict[str, Any]]
+Run = dict[str, Any]  # one measurement: posts_per_s and what else it reports
+Runner = Callable[[], Run]
 
 
 def machine() -> str:
@@ -27,9 +28,10 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
 
 
-def bracketed(first: Runner, second: Runner, rounds: int) -> dict[str, Any]:
+def bracketed(first: Runner, second: Runner, rounds: int) -> tuple[Run, Run, dict[str, Any]]:
     """`first`, then `rounds` times `second` and `first` again: each `second` run is set against the mean
-    of the `first` runs on either side of it, and the ratio is the median of those.
+    of the `first` runs on either side of it, and the ratio is the median of those. Returns the median run
+    of each side and {"ratio", "ratios"}.
 
     This machine's speed drifts by up to a third within minutes (a shared VM: docs/benchmarks.md,
     "Ratios"); a ratio of two figures taken minutes apart measured that drift as much as the pipeline."""
@@ -39,15 +41,11 @@ def bracketed(first: Runner, second: Runner, rounds: int) -> dict[str, Any]:
         firsts.append(first())
         around = (firsts[-2]["posts_per_s"] + firsts[-1]["posts_per_s"]) / 2
         ratios.append(seconds[-1]["posts_per_s"] / around)
-    return {
-        "first": _median_run(firsts),
-        "second": _median_run(seconds),
-        "ratio": round(statistics.median(ratios), 3),
-        "ratios": [round(x, 3) for x in ratios],
-    }
+    ratio = {"ratio": round(statistics.median(ratios), 3), "ratios": [round(x, 3) for x in ratios]}
+    return _median_run(firsts), _median_run(seconds), ratio
 
 
-def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def _median_run(runs: list[Run]) -> Run:
     """The median rate, every run's rate, and the rest of the run at or just below the median."""
     rates = [x["posts_per_s"] for x in runs]
     middle = sorted(runs, key=lambda x: x["posts_per_s"])[(len(runs) - 1) // 2]
@@ -61,15 +59,13 @@ def run_all(redis_url: str, database_url: str, *, quick: bool, repeat: int) -> d
     r: dict[str, Any] = {"machine": machine(), "quick": quick}
     # The duplicate cache off: every text is unique here, and the speed-up over the seed's stack is
     # stated without it (the cache's gain is measured on its own stream below).
-    efficiency = bracketed(
+    r["model_int8"], r["e2e"], r["efficiency"] = bracketed(
         lambda: _model_int8(n_model, 1),
         lambda: bench.in_child(
             bench.bench_pipeline, n_e2e, 64, redis_url, database_url, "embedded", 0.0, 0.0, False
         ),
         repeat,
     )
-    r["model_int8"], r["e2e"] = efficiency["first"], efficiency["second"]
-    r["efficiency"] = {k: efficiency[k] for k in ("ratio", "ratios")}
     r["model_fp32"] = (
         bench.in_child(bench.bench_model, n_model // 2, 64, repeat, 0, False) if not quick else None
     )
@@ -90,13 +86,11 @@ def run_all(redis_url: str, database_url: str, *, quick: bool, repeat: int) -> d
     r["memory"] = bench.bench_memory(
         *((12_000, redis_url, database_url, 4000) if quick else (50_000, redis_url, database_url, 10_000)),
     )
-    ceiling = bracketed(
+    r["raw"], r["noop"], r["noop_vs_raw"] = bracketed(
         lambda: bench.bench_raw(n_pipe, 500, redis_url, database_url),
         lambda: bench.bench_pipeline(n_pipe, 500, redis_url, database_url, "noop"),
         repeat,
     )
-    r["raw"], r["noop"] = ceiling["first"], ceiling["second"]
-    r["noop_vs_raw"] = {k: ceiling[k] for k in ("ratio", "ratios")}
     if not quick:
         r["batch_sweep"] = [
             {
