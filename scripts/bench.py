@@ -33,13 +33,19 @@ def main() -> None:
     a = parser.parse_args()
     settings = Settings.from_env()
     if a.latency:
-        r = run_latency(settings.redis_url, settings.database_url, repeat=a.repeat)
+        r = run_latency(settings.redis_url, settings.database_url, batch=settings.batch_size, repeat=a.repeat)
         plots(r, DOCS / "benchmarks")
         for point in r["latency_sweep"]:
             del point["latencies_ms"]
         print(json.dumps(r))
         return
-    results = run_all(settings.redis_url, settings.database_url, quick=a.quick, repeat=a.repeat)
+    results = run_all(
+        settings.redis_url,
+        settings.database_url,
+        batch=settings.batch_size,
+        quick=a.quick,
+        repeat=a.repeat,
+    )
     if not a.quick:
         images = plots(results, DOCS / "benchmarks")
         write_markdown(results, DOCS / "benchmarks.md", "python " + " ".join(sys.argv), images)

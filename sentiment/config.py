@@ -44,7 +44,10 @@ class Settings:
     stream_shards: int = _env("REDIS_STREAM_SHARDS", 1)  # the stream as N keys, each in its own slot
     # A consumer of the group with nothing pending and idle this long is removed (0: never).
     consumer_remove_idle_ms: int = _env("CONSUMER_REMOVE_IDLE_MS", 3_600_000)
-    batch_size: int = _env("BATCH_SIZE", 64)
+    # 256, not 64: each batch costs a fixed round of Redis, PostgreSQL and thread hand-offs, which at 64
+    # took a fifth of the time on the default model's cores (docs/benchmarks.md, "Design measurements").
+    # A quiet stream's batches stay small: the reader takes what is there.
+    batch_size: int = _env("BATCH_SIZE", 256)
     block_ms: int = _env("BLOCK_MS", 2000)
     claim_min_idle_ms: int = _env("CLAIM_MIN_IDLE_MS", 60_000)
     reclaim_interval_ms: int = _env("RECLAIM_INTERVAL_MS", 30_000)

@@ -8,7 +8,7 @@ from typing import Protocol
 
 import attrs
 
-from .post import Measured
+from .post import Measured, entry_bytes
 from .redact import one_line
 
 
@@ -20,6 +20,21 @@ class Entry:
     # Set on an entry over the raw bounds measured in Redis without reading it (see peek_oversized):
     # `fields` then holds only its first bytes.
     measured: Measured | None = None
+
+
+# What one batch may hold in bytes, about: the next read takes as many entries as fit, at the size of the
+# last read's. Normal posts (up to a few KB) fill BATCH_SIZE; near-limit ones (100 KB of content) take
+# about 80 at a time, and entries at MAX_ENTRY_BYTES 8, so the up to six batches held at once stay within
+# about 50 MB whatever the producers send, after the first read of them.
+BATCH_BYTES = 8_000_000
+
+
+def read_count(entries: Sequence[Entry], batch_size: int) -> int:
+    """How many entries the next read takes, after reading `entries` (at least 1, at most batch_size)."""
+    if not entries:
+        return batch_size
+    average = sum(entry_bytes(e.fields) for e in entries) / len(entries)
+    return max(1, min(batch_size, int(BATCH_BYTES // max(average, 1.0))))
 
 
 @attrs.frozen

@@ -1,8 +1,8 @@
 """What happens to one batch of entries: validate → analyse → write → dead-letter → ack.
 
 Shared by the worker's stages (worker.py) and by the reclaim command, so both take the same path.
-A poison entry never blocks its batch: a batch that fails as a whole is retried text by text (analysis) or
-row by row (write), and only the culprit is held back.
+A poison entry never blocks its batch: a batch that fails as a whole is retried in halves down to single texts
+(analysis) or row by row (write), and only the culprit is held back.
 
 Attempts, not deliveries, decide the dead-letter stream. Redis's delivery count rises on every crash,
 restart and reclaim, so it says nothing about whose fault a failure was. What counts against
@@ -20,9 +20,9 @@ from collections.abc import Sequence
 import attrs
 import trio
 
-from .analysis.base import Analysis, analyse_each
+from .analysis.base import Analysis, analyse_each, probe
 from .entries import DeadLetter, Entry, id_key
-from .errors import ConfigError, InvalidPost, ModelError, ModelUnavailable, StoreError
+from .errors import ConfigError, InvalidPost, ModelError, StoreError
 from .parts import Parts
 from .post import Limits, Post
 from .retry import retrying
@@ -31,9 +31,6 @@ from .store import Record
 log = logging.getLogger(__name__)
 
 SOLO_CRASHES = 2  # deaths of the process while analysing one entry alone before it is dead-lettered
-# When every text of a batch fails on its own, the model is asked about this one before the texts are
-# blamed: if it fails here too, the model (or its provider) is what is broken.
-PROBE_TEXT = "What a lovely day."
 FORGET_TIMEOUT_S = 2.0  # bound on clearing a solo mark while cancelled
 
 
@@ -191,14 +188,7 @@ class Processor:
         # after that. A provider that refuses the account (a 400 for credit, a retired model) or a broken
         # model fails every text alike; one that recovers half-way through the batch fails only those
         # asked first. Neither is the texts' fault.
-        try:
-            await self.analyzer.analyze([PROBE_TEXT])
-        except ModelUnavailable:
-            raise
-        except Exception as exc:
-            raise ModelUnavailable(
-                f"the model fails on a plain probe text too: {type(exc).__name__}: {exc}"
-            ) from exc
+        await probe(self.analyzer)
         for i in failed:
             [results[i]] = await analyse_each(self.analyzer, [texts[i]])
         return results

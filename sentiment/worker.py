@@ -22,7 +22,7 @@ from functools import partial
 import attrs
 import trio
 
-from .entries import Entry, id_key
+from .entries import Entry, id_key, read_count
 from .errors import TransientError
 from .parts import Parts
 from .processor import Analysed, Outcome, Processor
@@ -172,26 +172,30 @@ class Worker:
         with send, self._intake[0]:
             task_status.started()
             # Our own pending entries first (a restart under the same CONSUMER_NAME), paging by ID.
-            cursor = "0"
+            # Each read takes as many entries as fit in BATCH_BYTES at the size of the last read's.
+            cursor, count = "0", s.batch_size
             while True:
                 page = await self._next_page("-" if cursor == "0" else f"({cursor}", own=True, idle_ms=None)
                 if page.oversized is not None:  # ours already: not read, dead-lettered from Redis's copy
                     cursor = page.oversized.id
                     await self._send(send, [page.oversized])
                     continue
-                entries, deleted = await retrying(p.redis, p.stream.read, cursor, page.size, None)
+                size = min(page.size, count)
+                entries, deleted = await retrying(p.redis, p.stream.read, cursor, size, None)
                 await self._ack_deleted(deleted)
                 if not entries and not deleted:
                     break
                 cursor = max([e.id for e in entries] + deleted, key=id_key)
+                count = read_count(entries, s.batch_size)
                 entries = await retrying(p.redis, p.stream.with_deliveries, entries)
                 await self._send(send, entries)
             self._own_pending_read.set()
             # Then new ones. In drain mode a short block, and stop once the group owes nothing.
             block = min(s.block_ms, 200) if drain else s.block_ms
             while True:
-                entries, _ = await retrying(p.redis, p.stream.read, ">", s.batch_size, block)
+                entries, _ = await retrying(p.redis, p.stream.read, ">", count, block)
                 if entries:
+                    count = read_count(entries, s.batch_size)
                     await self._send(send, entries)
                 elif drain and not self.inflight and await retrying(p.redis, p.stream.pending_count) == 0:
                     log.info("drained: nothing new or pending for group %s", s.group)

@@ -71,10 +71,33 @@ def empty_result(model: str) -> Analysis:
     return Analysis(_EMPTY.sentiment_scores, _EMPTY.emotion_scores, model)
 
 
+# A plain text the model must answer before any text is blamed for a failure.
+PROBE_TEXT = "What a lovely day."
+
+
+async def probe(analyzer: Analyzer) -> None:
+    """Return if the model answers a plain text; else ModelUnavailable: the model (or its provider: a
+    refused account, a retired model) is what is broken, not the texts it failed on."""
+    try:
+        await analyzer.analyze([PROBE_TEXT])
+    except ModelUnavailable:
+        raise
+    except Exception as exc:
+        raise ModelUnavailable(
+            f"the model fails on a plain probe text too: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
 async def analyse_each(analyzer: Analyzer, texts: list[str]) -> list[Analysis | str]:
-    """Analyse the texts; if the batch fails, each text alone, so one bad text costs only itself: its
-    place holds the error it caused. A model that is unavailable (ModelUnavailable) or never loaded is no
-    text's fault: that raises."""
+    """Analyse the texts; if the batch fails, each half again, down to the texts alone, so one bad text
+    costs only itself: its place holds the error it caused. Halving finds one bad text of a batch of 256
+    in 16 more calls where text by text took 256 (an LLM request each). Before halving, the model must
+    answer a plain text (`probe`): a model that fails everything would otherwise be asked 2N − 1 times. A
+    model that is unavailable (ModelUnavailable) or never loaded is no text's fault: that raises."""
+    return await _isolate(analyzer, texts, probe_first=True)
+
+
+async def _isolate(analyzer: Analyzer, texts: list[str], *, probe_first: bool) -> list[Analysis | str]:
     if not texts:
         return []
     try:
@@ -86,7 +109,11 @@ async def analyse_each(analyzer: Analyzer, texts: list[str]) -> list[Analysis | 
             raise ModelError(f"the model could not be loaded: {exc}") from exc
         if len(texts) == 1:
             return [f"{type(exc).__name__}: {exc}"[:300]]
-    return [result for text in texts for result in await analyse_each(analyzer, [text])]
+    if probe_first:
+        await probe(analyzer)
+    half = len(texts) // 2
+    first = await _isolate(analyzer, texts[:half], probe_first=False)
+    return [*first, *await _isolate(analyzer, texts[half:], probe_first=False)]
 
 
 class Analyzer(Protocol):

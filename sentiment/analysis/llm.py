@@ -33,6 +33,9 @@ DEFAULT_MODELS = {
     "anthropic": "claude-3-5-haiku-latest",
 }
 MAX_CHARS = 2000  # per post: the model sees a prefix, as the local models do
+# Posts per request: a reply gets room for 80 tokens a post (max_tokens), and a whole batch (BATCH_SIZE,
+# 256 by default) would ask for more output than providers allow in one reply.
+PROMPT_POSTS = 64
 # Statuses by which a provider refuses the request's content (the texts): these count as the texts'
 # failures. Every other error status is the provider's or the configuration's.
 _TEXT_REJECTED = (400, 413, 422)
@@ -150,9 +153,13 @@ class LLMAnalyzer:
                     sleep=trio.sleep,
                     reraise=True,
                 )
-                async for attempt in retryer:
-                    with attempt:
-                        parsed = await self._ask(client, [texts[i][:MAX_CHARS] for i in todo])
+                parsed: list[Analysis] = []
+                for start in range(0, len(todo), PROMPT_POSTS):
+                    prompt = [texts[i][:MAX_CHARS] for i in todo[start : start + PROMPT_POSTS]]
+                    async for attempt in retryer:  # each prompt retried on its own
+                        with attempt:
+                            answer = await self._ask(client, prompt)
+                    parsed += answer
         except RetryableReply as exc:
             message = self._clean(f"LLM {self.provider} failed after {self.attempts} tries: {exc}")
             if not exc.outage:

@@ -52,33 +52,34 @@ def _median_run(runs: list[Run]) -> Run:
     return {**middle, "posts_per_s": round(statistics.median(rates), 1), "rates": rates}
 
 
-def run_all(redis_url: str, database_url: str, *, quick: bool, repeat: int) -> dict[str, Any]:
-    n_model = 1000 if quick else 3000
-    n_e2e = 1500 if quick else 10_000
+def run_all(redis_url: str, database_url: str, *, batch: int, quick: bool, repeat: int) -> dict[str, Any]:
+    """Every measurement; `batch`: entries per batch (BATCH_SIZE) for the model alone and end to end."""
+    n_model = 1500 if quick else 3000
+    n_e2e = 3000 if quick else 10_000
     n_pipe = 40_000 if quick else 100_000
     r: dict[str, Any] = {"machine": machine(), "quick": quick}
     # The duplicate cache off: every text is unique here, and the speed-up over the seed's stack is
     # stated without it (the cache's gain is measured on its own stream below).
     r["model_int8"], r["e2e"], r["efficiency"] = bracketed(
-        lambda: _model_int8(n_model, 1),
+        lambda: _model_int8(n_model, batch, 1),
         lambda: bench.in_child(
-            bench.bench_pipeline, n_e2e, 64, redis_url, database_url, "embedded", 0.0, 0.0, False
+            bench.bench_pipeline, n_e2e, batch, redis_url, database_url, "embedded", 0.0, 0.0, False
         ),
         repeat,
     )
     r["model_fp32"] = (
-        bench.in_child(bench.bench_model, n_model // 2, 64, repeat, 0, False) if not quick else None
+        bench.in_child(bench.bench_model, n_model // 2, batch, repeat, 0, False) if not quick else None
     )
     r["seed_batched"] = bench.in_child(bench.bench_seed_shapes, 64 if quick else 256, 32, False)
     r["seed_per_post"] = bench.in_child(bench.bench_seed_shapes, 24 if quick else 100, 1, True)
     model = r["model_int8"]["posts_per_s"]
-    r["latency_sweep"] = latency_sweep(redis_url, database_url, model, quick=quick)
+    r["latency_sweep"] = latency_sweep(redis_url, database_url, model, batch, quick=quick)
     r["latency"] = next(x for x in r["latency_sweep"] if x["share"] == 0.5)
     r["latency_low"] = next(x for x in r["latency_sweep"] if x["share"] == 0.1)
     # The duplicate cache on a stream where 30% of posts repeat an earlier text (bench.posts_for).
     r["cache"] = {
         state: bench.in_child(
-            bench.bench_pipeline, n_e2e, 64, redis_url, database_url, "embedded", 0.0, 0.3, state == "on"
+            bench.bench_pipeline, n_e2e, batch, redis_url, database_url, "embedded", 0.0, 0.3, state == "on"
         )
         for state in ("off", "on")
     }
@@ -126,18 +127,21 @@ def run_all(redis_url: str, database_url: str, *, quick: bool, repeat: int) -> d
     return r
 
 
-def _model_int8(n: int, repeat: int) -> dict[str, Any]:
-    return bench.in_child(bench.bench_model, n, 64, repeat, 0)
+def _model_int8(n: int, batch: int, repeat: int) -> dict[str, Any]:
+    return bench.in_child(bench.bench_model, n, batch, repeat, 0)
 
 
-def run_latency(redis_url: str, database_url: str, *, repeat: int) -> dict[str, Any]:
+def run_latency(redis_url: str, database_url: str, *, batch: int, repeat: int) -> dict[str, Any]:
     """`--latency`: the model's capacity, then the full latency sweep against it."""
-    r: dict[str, Any] = {"machine": machine(), "model_int8": _model_int8(3000, repeat)}
-    r["latency_sweep"] = latency_sweep(redis_url, database_url, r["model_int8"]["posts_per_s"], quick=False)
+    r: dict[str, Any] = {"machine": machine(), "model_int8": _model_int8(3000, batch, repeat)}
+    capacity = r["model_int8"]["posts_per_s"]
+    r["latency_sweep"] = latency_sweep(redis_url, database_url, capacity, batch, quick=False)
     return r
 
 
-def latency_sweep(redis_url: str, database_url: str, model: float, *, quick: bool) -> list[dict[str, Any]]:
+def latency_sweep(
+    redis_url: str, database_url: str, model: float, batch: int, *, quick: bool
+) -> list[dict[str, Any]]:
     """Posts published at shares of the model's capacity (`model` posts/s), as they come: latency
     XADD → commit at each."""
     loads = (0.1, 0.5) if quick else (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -147,7 +151,7 @@ def latency_sweep(redis_url: str, database_url: str, model: float, *, quick: boo
             **bench.in_child(
                 bench.bench_pipeline,
                 int((600 if quick else 3000) * max(share, 0.2)),
-                64,
+                batch,
                 redis_url,
                 database_url,
                 "embedded",

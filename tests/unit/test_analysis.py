@@ -6,12 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from sentiment.analysis.base import Analysis, empty_result
+from sentiment.analysis.base import PROBE_TEXT, Analysis, analyse_each, empty_result
 from sentiment.analysis.hub import TransformersAnalyzer, parse_label_map
 from sentiment.analysis.labels import DEFAULT_EMOTION_MAP, EMOTIONS, SENTIMENTS, map_label
 from sentiment.analysis.local import LocalAnalyzer
 from sentiment.analysis.text import MAX_MODEL_CHARS, normalize_tweet
-from sentiment.errors import ConfigError, ModelError
+from sentiment.errors import ConfigError, ModelError, ModelUnavailable
+
+from ..support.fakes import FakeAnalyzer
 
 
 def test_label_mapping_folds_disgust_into_anger_and_rejects_unknown() -> None:
@@ -273,3 +275,37 @@ def test_default_model_streams_give_the_same_answers_as_one() -> None:
     # is shared out by the number of streams), so int8 gives bit-identical results.
     assert two.streams == 2 and two.predict(texts) == one.predict(texts)
     assert isinstance(one._model, torch.jit.ScriptModule)  # the trace agreed with eager at load
+
+
+async def test_a_failing_batch_is_halved_until_the_bad_texts_stand_alone() -> None:
+    texts = [f"post {i}" for i in range(256)]
+    texts[37] = texts[200] = "POISON pill"
+    analyzer = FakeAnalyzer()
+    results = await analyse_each(analyzer, texts)
+    assert [i for i, r in enumerate(results) if isinstance(r, str)] == [37, 200]
+    assert results[37] == "ModelError: poisoned text"
+    assert all(
+        isinstance(r, Analysis) and r.sentiment == "positive"
+        for i, r in enumerate(results)
+        if i not in (37, 200)
+    )
+    # Two bad texts: each found down one path of halvings (2 × 2 × 8 calls, the batch and the probe),
+    # not 256.
+    assert len(analyzer.calls) <= 2 + 2 * 2 * 8
+    assert analyzer.calls[1] == [PROBE_TEXT]
+    # Texts asked alone: the two bad ones and, at the last halving, their neighbours.
+    alone = [c[0] for c in analyzer.calls[2:] if len(c) == 1]
+    assert alone.count("POISON pill") == 2 and len(alone) <= 4
+
+
+class FailingEverything(FakeAnalyzer):
+    async def analyze(self, texts: list[str]) -> list[Analysis]:  # type: ignore[override]
+        self.calls.append(list(texts))
+        raise ModelError("HTTP 400: your credit balance is too low")
+
+
+async def test_a_model_failing_every_text_is_unavailable_after_one_probe_not_2n_calls() -> None:
+    analyzer = FailingEverything()
+    with pytest.raises(ModelUnavailable, match="probe text too: ModelError: HTTP 400"):
+        await analyse_each(analyzer, [f"post {i}" for i in range(256)])
+    assert [len(c) for c in analyzer.calls] == [256, 1] and analyzer.calls[1] == [PROBE_TEXT]

@@ -10,13 +10,12 @@ import pytest
 import trio
 import trio.testing
 
-from sentiment.analysis.base import Analysis, empty_result
+from sentiment.analysis.base import PROBE_TEXT, Analysis, empty_result
 from sentiment.analysis.embedded import EmbeddedAnalyzer
 from sentiment.analysis.noop import NoopAnalyzer
 from sentiment.cache import ENTRY_OVERHEAD_BYTES, ResultCache
 from sentiment.config import Settings
 from sentiment.parts import Parts
-from sentiment.processor import PROBE_TEXT
 from sentiment.wiring import build_worker
 
 from ..support.fakes import FakeAnalyzer, FakeGroup, FakeStore

@@ -51,6 +51,19 @@ async def test_429_with_retry_after_and_500s_are_retried() -> None:
     assert len(script.requests) == 4
 
 
+async def test_a_large_batch_is_asked_in_prompts_of_at_most_64_posts_each_retried_alone() -> None:
+    texts = [f"post number {i}" for i in range(150)]
+    with llm_server() as (url, script):
+        script.replies = [Reply(), Reply(500)]  # the second prompt fails once
+        results = await make("openai", url).analyze(texts)
+    assert len(results) == 150 and all(r.sentiment == "positive" for r in results)
+    prompts = [r["json"]["messages"][1]["content"].splitlines() for r in script.requests]
+    assert [len(p) for p in prompts] == [64, 64, 64, 22]
+    assert prompts[1] == prompts[2]  # only the failed prompt was asked again
+    asked = [json.loads(line.split(". ", 1)[1]) for p in (prompts[0], *prompts[2:]) for line in p]
+    assert asked == texts
+
+
 def test_retry_after_is_honoured_over_backoff() -> None:
     state = tenacity.RetryCallState(None, None, (), {})  # type: ignore[arg-type]
     state.attempt_number = 1

@@ -338,3 +338,20 @@ async def test_a_model_failing_every_text_and_the_probe_waits_and_blames_none(au
         await worker.run(drain=True)
     assert group.dead == [] and set(store.analyses) == {"p0", "p1", "p2"}
     assert analyzer.failures == 0  # it waited the whole outage out
+
+
+async def test_reads_shrink_to_the_batch_byte_budget_when_entries_are_large(autojump_clock: Clock) -> None:
+    # 40 valid posts of about 900 KB each (a padding field; within MAX_ENTRY_BYTES): after the first read
+    # of BATCH_SIZE entries, each read takes what fits in BATCH_BYTES (8 of them), so a stream of large
+    # entries does not hold BATCH_SIZE of them per batch.
+    group, store = FakeGroup(), FakeStore()
+    pad = b"x" * 900_000
+    for i in range(40):
+        group.add({"post_id": f"p{i}", "content": f"good day {i}", "padding": pad.decode()})
+    worker = make_worker(group, store, batch_size=20)
+    sizes: list[int] = []
+    worker.on_commit.append(lambda outcome, analysed, batch: sizes.append(len(batch.entries)))
+    with trio.fail_after(60):
+        await worker.run(drain=True)
+    assert sizes == [20, 8, 8, 4]
+    assert len(store.analyses) == 40 and group.pel == {}
