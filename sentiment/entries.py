@@ -4,11 +4,12 @@ Stream protocol it reads them through (RedisStream in stream.py; the tests' in-m
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from itertools import chain
 from typing import Protocol
 
 import attrs
 
-from .post import Measured, entry_bytes
+from .post import Measured
 from .redact import one_line
 
 
@@ -33,7 +34,9 @@ def read_count(entries: Sequence[Entry], batch_size: int) -> int:
     """How many entries the next read takes, after reading `entries` (at least 1, at most batch_size)."""
     if not entries:
         return batch_size
-    average = sum(entry_bytes(e.fields) for e in entries) / len(entries)
+    # The values' bytes (names are bounded small by MAX_FIELD_NAME_BYTES), summed in C: this runs on
+    # every read, on the main thread.
+    average = sum(map(len, chain.from_iterable(e.fields.values() for e in entries))) / len(entries)
     return max(1, min(batch_size, int(BATCH_BYTES // max(average, 1.0))))
 
 

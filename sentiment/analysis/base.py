@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from operator import itemgetter
 from typing import Any, Protocol
 
 import attrs
@@ -12,6 +13,16 @@ from ..errors import ModelError, ModelUnavailable
 from .labels import EMOTIONS, SENTIMENTS
 
 Validator = Callable[[Any, "attrs.Attribute[Mapping[str, float]]", Mapping[str, float]], None]
+
+
+# A distribution's probabilities in label order, read in C (the store reads them once per row for the
+# labels and the scores column: docs/benchmarks.md).
+SENTIMENT_VALUES, EMOTION_VALUES = itemgetter(*SENTIMENTS), itemgetter(*EMOTIONS)
+
+
+def top_label(values: tuple[float, ...], labels: tuple[str, ...]) -> str:
+    """The label of the highest of `values` (in `labels`' order), the first one on a tie."""
+    return labels[values.index(max(values))]
 
 
 def _distribution(allowed: tuple[str, ...]) -> Validator:
@@ -36,7 +47,9 @@ class Analysis:
 
     @property
     def sentiment(self) -> str:
-        return max(self.sentiment_scores, key=self.sentiment_scores.__getitem__)
+        """The most probable label; a tie goes to the first in SENTIMENTS' order, whatever the order of
+        the scores' keys."""
+        return top_label(SENTIMENT_VALUES(self.sentiment_scores), SENTIMENTS)
 
     @property
     def sentiment_score(self) -> float:
@@ -44,7 +57,8 @@ class Analysis:
 
     @property
     def emotion(self) -> str:
-        return max(self.emotion_scores, key=self.emotion_scores.__getitem__)
+        """As `sentiment`, in EMOTIONS' order."""
+        return top_label(EMOTION_VALUES(self.emotion_scores), EMOTIONS)
 
     @property
     def emotion_score(self) -> float:

@@ -30,3 +30,12 @@ def test_row_holds_the_labels_and_the_scores_as_json(sent: list[float], emo: lis
     assert (row["sentiment"], row["sentiment_score"]) == (analysis.sentiment, analysis.sentiment_score)
     assert (row["emotion"], row["emotion_score"]) == (analysis.emotion, analysis.emotion_score)
     assert (row["post_id"], row["stream_entry_id"], row["model"]) == ("p1", "1-0", "m")
+
+
+def test_a_tie_goes_to_the_first_label_in_label_order_whatever_the_keys_order() -> None:
+    sentiment = {"positive": 0.4, "neutral": 0.2, "negative": 0.4}  # keys in reverse order
+    emotion = {e: 1 / 6 for e in reversed(EMOTIONS)}
+    analysis = Analysis(sentiment, emotion, "m")
+    row = dict(zip(COLUMNS, Record(POST, analysis).row, strict=True))
+    assert (analysis.sentiment, analysis.emotion) == (SENTIMENTS[0], EMOTIONS[0]) == ("negative", "joy")
+    assert (row["sentiment"], row["sentiment_score"], row["emotion"]) == ("negative", 0.4, "joy")
