@@ -4,7 +4,6 @@ Stream protocol it reads them through (RedisStream in stream.py; the tests' in-m
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from itertools import chain
 from typing import Protocol
 
 import attrs
@@ -23,21 +22,42 @@ class Entry:
     measured: Measured | None = None
 
 
-# What one batch may hold in bytes, about: the next read takes as many entries as fit, at the size of the
-# last read's. Normal posts (up to a few KB) fill BATCH_SIZE; near-limit ones (100 KB of content) take
-# about 80 at a time, and entries at MAX_ENTRY_BYTES 8, so the up to six batches held at once stay within
-# about 50 MB whatever the producers send, after the first read of them.
+# What one batch may hold, about, in bytes: each read takes as many entries as fit at the size of the
+# largest of the last read's (normal posts of a few KB fill BATCH_SIZE, posts of 100 KB of content about 80,
+# entries at MAX_ENTRY_BYTES 8), and what a read brings is handed on in batches of at most this much.
 BATCH_BYTES = 8_000_000
+# What Python holds per field beyond its name and value (two bytes objects and a dict slot): an entry of
+# 200,000 one-byte fields takes 18 MB, not 400 KB.
+FIELD_OVERHEAD_BYTES = 100
 
 
-def read_count(entries: Sequence[Entry], batch_size: int) -> int:
-    """How many entries the next read takes, after reading `entries` (at least 1, at most batch_size)."""
-    if not entries:
-        return batch_size
-    # The values' bytes (names are bounded small by MAX_FIELD_NAME_BYTES), summed in C: this runs on
-    # every read, on the main thread.
-    average = sum(map(len, chain.from_iterable(e.fields.values() for e in entries))) / len(entries)
-    return max(1, min(batch_size, int(BATCH_BYTES // max(average, 1.0))))
+def entry_size(entry: Entry) -> int:
+    """An estimate of the memory an entry read from Redis takes: names, values and their overhead."""
+    fields = entry.fields
+    return sum(map(len, fields)) + sum(map(len, fields.values())) + FIELD_OVERHEAD_BYTES * len(fields)
+
+
+def read_count(sizes: Sequence[int], batch_size: int, previous: int) -> int:
+    """How many entries the next read takes, after one whose entries had these `sizes`: as many as fit
+    in BATCH_BYTES at the largest of them; down at once, up at most twice `previous` per read, so that a
+    few small entries between large ones do not open the next read to BATCH_SIZE large ones."""
+    if not sizes:
+        return min(batch_size, 2 * previous)
+    fit = BATCH_BYTES // max(max(sizes), 1)
+    return max(1, min(batch_size, fit, 2 * previous))
+
+
+def by_bytes(entries: Sequence[Entry], sizes: Sequence[int]) -> list[list[Entry]]:
+    """The entries in order, in batches of at most BATCH_BYTES (one entry at least)."""
+    batches: list[list[Entry]] = [[]]
+    total = 0
+    for entry, size in zip(entries, sizes, strict=True):
+        if batches[-1] and total + size > BATCH_BYTES:
+            batches.append([])
+            total = 0
+        batches[-1].append(entry)
+        total += size
+    return batches if batches[0] else []
 
 
 @attrs.frozen

@@ -22,7 +22,7 @@ from functools import partial
 import attrs
 import trio
 
-from .entries import Entry, id_key, read_count
+from .entries import Entry, by_bytes, entry_size, id_key, read_count
 from .errors import TransientError
 from .parts import Parts
 from .processor import Analysed, Outcome, Processor
@@ -96,6 +96,7 @@ class Worker:
         self.options = options
         self.totals = Totals()
         self.inflight: dict[str, None] = {}  # entry IDs read and not yet acked, dead-lettered or released
+        self._read_size = options.batch_size  # entries the next read or claim takes (`_send`)
         self.last_progress = time.monotonic()  # last commit; wall clock, read by the /healthz thread
         self.on_commit: list[CommitHook] = []  # e.g. the metrics; called after each committed batch
         # Reader and reclaimer each run in one of these; cancelling both stops taking work.
@@ -172,30 +173,26 @@ class Worker:
         with send, self._intake[0]:
             task_status.started()
             # Our own pending entries first (a restart under the same CONSUMER_NAME), paging by ID.
-            # Each read takes as many entries as fit in BATCH_BYTES at the size of the last read's.
-            cursor, count = "0", s.batch_size
+            cursor = "0"
             while True:
                 page = await self._next_page("-" if cursor == "0" else f"({cursor}", own=True, idle_ms=None)
                 if page.oversized is not None:  # ours already: not read, dead-lettered from Redis's copy
                     cursor = page.oversized.id
                     await self._send(send, [page.oversized])
                     continue
-                size = min(page.size, count)
-                entries, deleted = await retrying(p.redis, p.stream.read, cursor, size, None)
+                entries, deleted = await retrying(p.redis, p.stream.read, cursor, page.size, None)
                 await self._ack_deleted(deleted)
                 if not entries and not deleted:
                     break
                 cursor = max([e.id for e in entries] + deleted, key=id_key)
-                count = read_count(entries, s.batch_size)
                 entries = await retrying(p.redis, p.stream.with_deliveries, entries)
                 await self._send(send, entries)
             self._own_pending_read.set()
             # Then new ones. In drain mode a short block, and stop once the group owes nothing.
             block = min(s.block_ms, 200) if drain else s.block_ms
             while True:
-                entries, _ = await retrying(p.redis, p.stream.read, ">", count, block)
+                entries, _ = await retrying(p.redis, p.stream.read, ">", self._read_size, block)
                 if entries:
-                    count = read_count(entries, s.batch_size)
                     await self._send(send, entries)
                 elif drain and not self.inflight and await retrying(p.redis, p.stream.pending_count) == 0:
                     log.info("drained: nothing new or pending for group %s", s.group)
@@ -405,15 +402,20 @@ class Worker:
             start,
             own=own,
             idle_ms=idle_ms,
-            batch_size=s.batch_size,
+            batch_size=self._read_size,
             max_deliveries=s.max_deliveries,
         )
 
     async def _send(self, send: trio.MemorySendChannel[Batch], entries: list[Entry]) -> None:
-        for e in entries:
+        """Hand on what a read or a claim brought, in batches of at most BATCH_BYTES; the next read or
+        claim takes as many entries as fit at the size of the largest of these (entries.read_count)."""
+        sizes = [entry_size(e) for e in entries]
+        self._read_size = read_count(sizes, self.options.batch_size, self._read_size)
+        for e in entries:  # all of them in flight now: the leases of those still to send are renewed
             self.inflight[e.id] = None
         self.totals.read += len(entries)
-        await send.send(Batch(tuple(entries)))
+        for batch in by_bytes(entries, sizes):
+            await send.send(Batch(tuple(batch)))
 
     async def _ack_deleted(self, ids: list[str]) -> None:
         if ids:

@@ -115,7 +115,10 @@ async def _isolate(analyzer: Analyzer, texts: list[str], *, probe_first: bool) -
     if not texts:
         return []
     try:
-        return list(await analyzer.analyze(texts))
+        results: list[Analysis | str] = list(await analyzer.analyze(texts))
+        if len(results) != len(texts):
+            raise ModelError(f"the model gave {len(results)} results for {len(texts)} texts")
+        return results
     except ModelUnavailable:
         raise
     except Exception as exc:  # any other analyzer error: isolate below, never crash the worker

@@ -272,7 +272,9 @@ def _spread(label: Any, score: Any, allowed: tuple[str, ...]) -> dict[str, float
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"score {score!r} is not within 0..1")
     p = max(p, 1.0 / len(allowed))  # the chosen label is the most likely one
-    rest = (1.0 - p) / (len(allowed) - 1)
+    # Strictly: at p = 1/n the others' share rounds to just above p, and the label stored would be
+    # another one (a "positive, 0.3" answer stored as negative).
+    rest = min((1.0 - p) / (len(allowed) - 1), math.nextafter(p, 0.0))
     return {a: p if a == label else rest for a in allowed}
 
 

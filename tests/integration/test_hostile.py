@@ -5,6 +5,8 @@ dead-letter stream with its reason and its original fields, nothing is pending."
 from __future__ import annotations
 
 import json
+import re
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -204,3 +206,37 @@ def test_a_flood_of_huge_entries_does_not_double_redis_memory(settings: Settings
     copies = int(rds.memory_usage(settings.dead_letter, samples=0) or 0)
     originals = int(rds.memory_usage(settings.stream, samples=0) or 0)
     assert originals > 40 * MB and copies < originals / 20, (copies, originals)
+
+
+def test_large_valid_entries_are_read_and_handed_on_within_the_byte_budget(
+    settings: Settings, rds: redis.Redis
+) -> None:
+    """40 valid posts of about 900 KB each (a padding field): the first read takes BATCH_SIZE of them and
+    hands them on in batches of at most 8 MB; every later read takes only what fits in 8 MB (8)."""
+    pad = b"x" * 900_000
+    for i in range(40):
+        rds.xadd(settings.stream, {"post_id": f"L{i}", "content": f"large post {i}", "padding": pad})
+    counts: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:  # the COUNT of every XREADGROUP of new entries on this stream
+        with redis.Redis.from_url(REDIS_URL).monitor() as m:
+            while not done.is_set():
+                command = m.next_command()["command"]
+                if command.startswith("XREADGROUP") and command.endswith(f"{settings.stream} >"):
+                    counts.append(int(re.search(r"COUNT (\d+)", command).group(1)))  # type: ignore[union-attr]
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        result = run_cli(["-m", "sentiment", "run", "--drain"], worker_env(settings, BATCH_SIZE="256"))
+    finally:
+        done.set()
+        rds.ping()  # a command for the monitor to wake on
+        watcher.join(timeout=10)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert counts[0] == 256 and counts[1:] and set(counts[1:]) == {8}, counts
+    with psycopg.connect(settings.database_url) as conn:
+        stored = conn.execute("SELECT count(*), count(DISTINCT post_id) FROM sentiment_analysis").fetchone()
+    assert stored == (40, 40)
+    assert rds.xpending(settings.stream, settings.group)["pending"] == 0

@@ -309,3 +309,15 @@ async def test_a_model_failing_every_text_is_unavailable_after_one_probe_not_2n_
     with pytest.raises(ModelUnavailable, match="probe text too: ModelError: HTTP 400"):
         await analyse_each(analyzer, [f"post {i}" for i in range(256)])
     assert [len(c) for c in analyzer.calls] == [256, 1] and analyzer.calls[1] == [PROBE_TEXT]
+
+
+class AnsweringTooFew(FakeAnalyzer):
+    async def analyze(self, texts: list[str]) -> list[Analysis]:  # type: ignore[override]
+        results = await super().analyze(texts)
+        return results[:-1] if any("short" in t for t in texts) else results
+
+
+async def test_an_answer_missing_a_result_is_a_failure_isolated_to_its_text() -> None:
+    results = await analyse_each(AnsweringTooFew(), ["good", "short one", "fine"])
+    assert isinstance(results[0], Analysis) and isinstance(results[2], Analysis)
+    assert results[1] == "ModelError: the model gave 0 results for 1 texts"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 import pytest
 import tenacity
@@ -12,11 +13,14 @@ from sentiment.analysis.base import Analysis
 from sentiment.analysis.fallback import FallbackAnalyzer
 from sentiment.analysis.llm import CircuitBreaker, LLMAnalyzer, RetryableReply, retry_wait
 from sentiment.errors import ConfigError, ModelError
+from sentiment.post import Post
+from sentiment.store import COLUMNS, Record
 
 from ..support.fakes import FakeAnalyzer
 from ..support.llm_server import Reply, llm_server
 
 KEY = "sk-test-SECRET-123"
+POST = Post("1-0", "p1", "hmm", "", "", datetime(2024, 1, 2, tzinfo=UTC))
 
 
 def make(provider: str, url: str, **kw: object) -> LLMAnalyzer:
@@ -62,6 +66,24 @@ async def test_a_large_batch_is_asked_in_prompts_of_at_most_64_posts_each_retrie
     assert prompts[1] == prompts[2]  # only the failed prompt was asked again
     asked = [json.loads(line.split(". ", 1)[1]) for p in (prompts[0], *prompts[2:]) for line in p]
     assert asked == texts
+
+
+async def test_a_low_confidence_label_stays_the_label_stored() -> None:
+    # "positive, 0.3" is raised to 1/3; the others' share must not round above it (it did: the row said
+    # negative).
+    answer = {
+        "i": 0,
+        "sentiment": "positive",
+        "sentiment_score": 0.3,
+        "emotion": "fear",
+        "emotion_score": 0.15,
+    }
+    with llm_server() as (url, script):
+        script.replies = [Reply(content=json.dumps({"results": [answer]}))]
+        [result] = await make("openai", url).analyze(["hmm"])
+    assert (result.sentiment, result.emotion) == ("positive", "fear")
+    row = dict(zip(COLUMNS, Record(POST, result).row, strict=True))
+    assert (row["sentiment"], row["emotion"]) == ("positive", "fear")
 
 
 def test_retry_after_is_honoured_over_backoff() -> None:

@@ -7,6 +7,7 @@ import trio
 import trio.testing
 
 from sentiment.config import Settings
+from sentiment.entries import Claimed, Entry, entry_size, read_count
 from sentiment.errors import ModelError
 from sentiment.parts import Parts
 from sentiment.processor import SOLO_CRASHES
@@ -341,17 +342,97 @@ async def test_a_model_failing_every_text_and_the_probe_waits_and_blames_none(au
 
 
 async def test_reads_shrink_to_the_batch_byte_budget_when_entries_are_large(autojump_clock: Clock) -> None:
-    # 40 valid posts of about 900 KB each (a padding field; within MAX_ENTRY_BYTES): after the first read
-    # of BATCH_SIZE entries, each read takes what fits in BATCH_BYTES (8 of them), so a stream of large
-    # entries does not hold BATCH_SIZE of them per batch.
+    # 40 valid posts of about 900 KB each (a padding field; within MAX_ENTRY_BYTES). The first read takes
+    # BATCH_SIZE of them and hands them on in batches of at most BATCH_BYTES (8 of them); every later read
+    # takes only what fits (8).
     group, store = FakeGroup(), FakeStore()
-    pad = b"x" * 900_000
+    pad = "x" * 900_000
     for i in range(40):
-        group.add({"post_id": f"p{i}", "content": f"good day {i}", "padding": pad.decode()})
+        group.add({"post_id": f"p{i}", "content": f"good day {i}", "padding": pad})
     worker = make_worker(group, store, batch_size=20)
+    stream, counts = worker.parts.stream, []
+    read = stream.read
+
+    async def counted(start: str, count: int, block_ms: int | None) -> tuple[list[Entry], list[str]]:
+        counts.append(count)
+        return await read(start, count, block_ms)
+
+    stream.read = counted  # type: ignore[method-assign]
     sizes: list[int] = []
     worker.on_commit.append(lambda outcome, analysed, batch: sizes.append(len(batch.entries)))
     with trio.fail_after(60):
         await worker.run(drain=True)
-    assert sizes == [20, 8, 8, 4]
+    assert sizes == [8, 8, 4, 8, 8, 4]
+    assert counts[:4] == [20, 20, 8, 8]  # the own-pending re-read (empty), then new entries
     assert len(store.analyses) == 40 and group.pel == {}
+
+
+async def test_a_few_small_entries_between_large_ones_do_not_reopen_a_full_read(
+    autojump_clock: Clock,
+) -> None:
+    # After large entries the read size grows back at most twofold per read: 30 small posts ahead of 40
+    # large ones let the reads take 8 → 16 → 32 entries, not BATCH_SIZE large ones at once.
+    group, store = FakeGroup(), FakeStore()
+    pad = "x" * 900_000
+
+    def large(prefix: str, n: int) -> None:
+        for i in range(n):
+            group.add({"post_id": f"{prefix}{i}", "content": "good day", "padding": pad})
+
+    large("a", 10)
+    worker = make_worker(group, store, batch_size=200)
+    read = worker.parts.stream.read
+    got: list[int] = []  # large entries per read
+
+    async def counted(start: str, count: int, block_ms: int | None) -> tuple[list[Entry], list[str]]:
+        entries, deleted = await read(start, count, block_ms)
+        got.append(sum(b"padding" in e.fields for e in entries))
+        return entries, deleted
+
+    worker.parts.stream.read = counted  # type: ignore[method-assign]
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker.run)
+            while len(store.analyses) < 10:  # noqa: ASYNC110 - the fake store has no event
+                await trio.sleep(0.1)
+            got.clear()
+            for i in range(30):
+                group.add({"post_id": f"s{i}", "content": "good day"})
+            large("b", 40)
+            while len(store.analyses) < 80:  # noqa: ASYNC110
+                await trio.sleep(0.1)
+            worker.stop()
+    assert max(got) <= 32 and sum(got) == 40 and group.pel == {}
+
+
+async def test_a_dead_consumers_large_entries_are_claimed_within_the_byte_budget(
+    autojump_clock: Clock,
+) -> None:
+    group, store = FakeGroup(), FakeStore()
+    for i in range(30):
+        group.add({"post_id": f"p{i}", "content": "good day", "padding": "x" * 900_000})
+    await group.stream("dead").read(">", 100, None)  # read, never acked: the consumer died
+    worker = make_worker(group, store, claim_min_idle_ms=1000, batch_size=20)
+    autoclaim, counts = worker.parts.stream.autoclaim, []
+
+    async def counted(cursor: str, min_idle_ms: int, count: int) -> Claimed:
+        claimed = await autoclaim(cursor, min_idle_ms, count)
+        if claimed.entries:  # before CLAIM_MIN_IDLE_MS nothing is claimed
+            counts.append(count)
+        return claimed
+
+    worker.parts.stream.autoclaim = counted  # type: ignore[method-assign]
+    sizes: list[int] = []
+    worker.on_commit.append(lambda outcome, analysed, batch: sizes.append(len(batch.entries)))
+    await worker.run(drain=True)
+    assert len(store.analyses) == 30 and group.pel == {}
+    assert counts[:3] == [20, 8, 8] and max(sizes) == 8  # the first claim, then what fits in 8 MB
+
+
+def test_an_entry_of_many_tiny_fields_counts_what_python_holds_for_them() -> None:
+    # 100,000 empty fields: 600 KB of names, but some 10 MB in Python.
+    many = Entry("1-0", {b"f%d" % i: b"" for i in range(100_000)})
+    assert entry_size(many) >= 10_000_000
+    assert read_count([entry_size(many)], 256, 256) == 1
+    assert read_count([1_000], 256, 4) == 8  # grows back twofold per read
+    assert read_count([], 256, 4) == 8
