@@ -8,7 +8,7 @@ from typing import Protocol
 
 import attrs
 
-from .post import Measured
+from .post import Measured, entry_bytes
 from .redact import one_line
 
 
@@ -33,8 +33,7 @@ FIELD_OVERHEAD_BYTES = 100
 
 def entry_size(entry: Entry) -> int:
     """An estimate of the memory an entry read from Redis takes: names, values and their overhead."""
-    fields = entry.fields
-    return sum(map(len, fields)) + sum(map(len, fields.values())) + FIELD_OVERHEAD_BYTES * len(fields)
+    return entry_bytes(entry.fields) + FIELD_OVERHEAD_BYTES * len(entry.fields)
 
 
 def read_count(sizes: Sequence[int], batch_size: int, previous: int) -> int:
@@ -49,15 +48,15 @@ def read_count(sizes: Sequence[int], batch_size: int, previous: int) -> int:
 
 def by_bytes(entries: Sequence[Entry], sizes: Sequence[int]) -> list[list[Entry]]:
     """The entries in order, in batches of at most BATCH_BYTES (one entry at least)."""
-    batches: list[list[Entry]] = [[]]
+    batches: list[list[Entry]] = []
     total = 0
     for entry, size in zip(entries, sizes, strict=True):
-        if batches[-1] and total + size > BATCH_BYTES:
+        if not batches or total + size > BATCH_BYTES:
             batches.append([])
             total = 0
         batches[-1].append(entry)
         total += size
-    return batches if batches[0] else []
+    return batches
 
 
 @attrs.frozen

@@ -1,8 +1,8 @@
 """What happens to one batch of entries: validate → analyse → write → dead-letter → ack.
 
 Shared by the worker's stages (worker.py) and by the reclaim command, so both take the same path.
-A poison entry never blocks its batch: a batch that fails as a whole is retried in halves down to single texts
-(analysis) or row by row (write), and only the culprit is held back.
+A poison entry never blocks its batch: a batch that fails as a whole is retried in halves down to single
+texts (analysis) or row by row (write), and only the culprit is held back.
 
 Attempts, not deliveries, decide the dead-letter stream. Redis's delivery count rises on every crash,
 restart and reclaim, so it says nothing about whose fault a failure was. What counts against

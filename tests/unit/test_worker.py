@@ -341,6 +341,20 @@ async def test_a_model_failing_every_text_and_the_probe_waits_and_blames_none(au
     assert analyzer.failures == 0  # it waited the whole outage out
 
 
+def recorded_reads(worker: Worker) -> list[tuple[int, list[Entry]]]:
+    """Each XREADGROUP of the worker from now on: the count asked and the entries it got."""
+    stream, reads = worker.parts.stream, []
+    read = stream.read
+
+    async def recording(start: str, count: int, block_ms: int | None) -> tuple[list[Entry], list[str]]:
+        entries, deleted = await read(start, count, block_ms)
+        reads.append((count, entries))
+        return entries, deleted
+
+    stream.read = recording  # type: ignore[method-assign]
+    return reads
+
+
 async def test_reads_shrink_to_the_batch_byte_budget_when_entries_are_large(autojump_clock: Clock) -> None:
     # 40 valid posts of about 900 KB each (a padding field; within MAX_ENTRY_BYTES). The first read takes
     # BATCH_SIZE of them and hands them on in batches of at most BATCH_BYTES (8 of them); every later read
@@ -350,19 +364,13 @@ async def test_reads_shrink_to_the_batch_byte_budget_when_entries_are_large(auto
     for i in range(40):
         group.add({"post_id": f"p{i}", "content": f"good day {i}", "padding": pad})
     worker = make_worker(group, store, batch_size=20)
-    stream, counts = worker.parts.stream, []
-    read = stream.read
-
-    async def counted(start: str, count: int, block_ms: int | None) -> tuple[list[Entry], list[str]]:
-        counts.append(count)
-        return await read(start, count, block_ms)
-
-    stream.read = counted  # type: ignore[method-assign]
+    reads = recorded_reads(worker)
     sizes: list[int] = []
     worker.on_commit.append(lambda outcome, analysed, batch: sizes.append(len(batch.entries)))
     with trio.fail_after(60):
         await worker.run(drain=True)
     assert sizes == [8, 8, 4, 8, 8, 4]
+    counts = [count for count, _ in reads]
     assert counts[:4] == [20, 20, 8, 8]  # the own-pending re-read (empty), then new entries
     assert len(store.analyses) == 40 and group.pel == {}
 
@@ -381,27 +389,20 @@ async def test_a_few_small_entries_between_large_ones_do_not_reopen_a_full_read(
 
     large("a", 10)
     worker = make_worker(group, store, batch_size=200)
-    read = worker.parts.stream.read
-    got: list[int] = []  # large entries per read
-
-    async def counted(start: str, count: int, block_ms: int | None) -> tuple[list[Entry], list[str]]:
-        entries, deleted = await read(start, count, block_ms)
-        got.append(sum(b"padding" in e.fields for e in entries))
-        return entries, deleted
-
-    worker.parts.stream.read = counted  # type: ignore[method-assign]
+    reads = recorded_reads(worker)
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
             await nursery.start(worker.run)
             while len(store.analyses) < 10:  # noqa: ASYNC110 - the fake store has no event
                 await trio.sleep(0.1)
-            got.clear()
+            reads.clear()
             for i in range(30):
                 group.add({"post_id": f"s{i}", "content": "good day"})
             large("b", 40)
             while len(store.analyses) < 80:  # noqa: ASYNC110
                 await trio.sleep(0.1)
             worker.stop()
+    got = [sum(b"padding" in e.fields for e in entries) for _, entries in reads]  # large entries per read
     assert max(got) <= 32 and sum(got) == 40 and group.pel == {}
 
 
