@@ -4,6 +4,7 @@ Stream protocol it reads them through (RedisStream in stream.py; the tests' in-m
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import cached_property
 from typing import Protocol
 
 import attrs
@@ -21,6 +22,11 @@ class Entry:
     # `fields` then holds only its first bytes.
     measured: Measured | None = None
 
+    @cached_property
+    def raw_bytes(self) -> int:
+        """Its names and values in bytes: counted once, for the read budget and for the raw bounds."""
+        return entry_bytes(self.fields)
+
 
 # What one batch may hold, about, in bytes: each read takes as many entries as fit at the size of the
 # largest of the last read's (normal posts of a few KB fill BATCH_SIZE, posts of 100 KB of content about 80,
@@ -33,7 +39,7 @@ FIELD_OVERHEAD_BYTES = 100
 
 def entry_size(entry: Entry) -> int:
     """An estimate of the memory an entry read from Redis takes: names, values and their overhead."""
-    return entry_bytes(entry.fields) + FIELD_OVERHEAD_BYTES * len(entry.fields)
+    return entry.raw_bytes + FIELD_OVERHEAD_BYTES * len(entry.fields)
 
 
 def read_count(sizes: Sequence[int], batch_size: int, previous: int) -> int:

@@ -26,8 +26,9 @@ class Limits:
     fields: int = 64
     field_name_bytes: int = 256
 
-    def check_raw(self, fields: Mapping[bytes, bytes]) -> None:
-        """InvalidPost if the entry is too large to be worth decoding: total bytes, field count, names."""
+    def check_raw(self, fields: Mapping[bytes, bytes], size: int | None = None) -> None:
+        """InvalidPost if the entry is too large to be worth decoding: total bytes (`size` when the caller
+        counted them already: `Entry.raw_bytes`), field count, names."""
         if len(fields) > self.fields:
             raise InvalidPost(f"entry has {len(fields)} fields, over the limit of {self.fields}")
         longest = max(map(len, fields), default=0)
@@ -35,7 +36,7 @@ class Limits:
             raise InvalidPost(
                 f"entry has a field name of {longest} bytes, over the limit of {self.field_name_bytes}"
             )
-        size = entry_bytes(fields)
+        size = entry_bytes(fields) if size is None else size
         if size > self.entry_bytes:
             raise InvalidPost(f"entry is {size} bytes, over the limit of {self.entry_bytes}")
 
@@ -74,12 +75,15 @@ class Post:
     created_at: datetime
 
     @classmethod
-    def from_fields(cls, entry_id: str, fields: Mapping[bytes, bytes], limits: Limits) -> Post:
+    def from_fields(
+        cls, entry_id: str, fields: Mapping[bytes, bytes], limits: Limits, size: int | None = None
+    ) -> Post:
         """Accept the seed's flat fields or one `data` field holding that JSON object; else InvalidPost.
+        `size`: the entry's bytes, if counted already (`Limits.check_raw`).
 
         Whatever a producer put in the entry, the only exception that leaves here is InvalidPost: an error
         we did not foresee while reading one entry is that entry's fault, never the worker's."""
-        limits.check_raw(fields)
+        limits.check_raw(fields, size)
         try:
             return cls._parse(entry_id, fields, limits.content_bytes)
         except InvalidPost:

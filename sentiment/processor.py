@@ -26,7 +26,7 @@ from .errors import ConfigError, InvalidPost, ModelError, StoreError
 from .parts import Parts
 from .post import Limits, Post
 from .retry import retrying
-from .store import Record
+from .rows import Record
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class Processor:
             dead.append(DeadLetter(entry, f"invalid post: {self.limits.measured_reason(entry.measured)}"))
             return
         try:
-            posts.append(Post.from_fields(entry.id, entry.fields, self.limits))
+            posts.append(Post.from_fields(entry.id, entry.fields, self.limits, entry.raw_bytes))
         except InvalidPost as exc:
             dead.append(DeadLetter(entry, f"invalid post: {exc.reason}"))
 
@@ -272,6 +272,8 @@ def _rounds(records: Sequence[Record]) -> list[list[Record]]:
     """The records in writing rounds: round k holds the k-th entry (in stream order) of each post_id of
     the batch. Each copy of a post_id is written after the ones before it and meets what they stored, as
     if they had come in separate batches: the same content is a duplicate, other content a conflict."""
+    if len({r.post.post_id for r in records}) == len(records):
+        return [list(records)] if records else []  # the usual case: one round, in any order
     rounds: list[list[Record]] = []
     seen: dict[str, int] = {}
     for record in sorted(records, key=lambda r: id_key(r.post.entry_id)):

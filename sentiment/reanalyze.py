@@ -12,7 +12,8 @@ import attrs
 from .analysis.base import Analysis, Analyzer, analyse_each
 from .errors import ModelUnavailable
 from .post import Post
-from .store import PostgresStore, Record
+from .rows import Record
+from .store import PostgresStore
 
 
 @attrs.frozen

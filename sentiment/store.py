@@ -7,19 +7,16 @@ cancellation waits for the thread, so a commit is never cut mid-COPY, and it doe
 order (psycopg's async code binds asyncio.get_running_loop at import, before trio-asyncio patches it
 unless trio_asyncio is imported first, and then fails with "no running event loop").
 
-Bulk path: COPY into a temporary table, then INSERT … SELECT … ON CONFLICT DO NOTHING into both tables.
-COPY streams the batch in one message; the conflict clause makes a redelivered entry a no-op.
-
-One post, one current analysis: `sentiment_analysis` is unique on post_id. A redelivered post changes
-nothing, whichever model analysed it this time. A post_id that comes back with other content is not
-written; its entry ID is returned as a conflict, and the caller dead-letters it with that reason.
+What a batch's write sends, and each post's row: rows.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
+from functools import partial
 from importlib import resources
 from typing import Any, Protocol
 
@@ -29,16 +26,18 @@ import trio
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from .analysis.base import EMOTION_VALUES, SENTIMENT_VALUES, Analysis, top_label
-from .analysis.labels import EMOTIONS, SENTIMENTS
 from .errors import ConfigError, StoreError, StoreFailure, StoreUnavailable
 from .post import Post
 from .redact import driver_text, mask_url
+from .rows import Record, WriteResult, prepare_connection, write_rows
 
 log = logging.getLogger(__name__)
 
 _MIGRATION_LOCK = 0x5E171E  # pg_advisory_xact_lock key: one migrator at a time across workers
 CLOSE_TIMEOUT_S = 2.0
+# Bound on `rows_sent`: formatting a batch's rows takes about a millisecond; a send that blocks (a server
+# that stopped reading) must not hold the analysis stage.
+SENDING_WAIT_S = 0.1
 # Every wait on PostgreSQL is bounded where it happens, since the thread that waits cannot be cancelled:
 # on the server (a statement, a lock, a transaction left open) and on the socket (keepalives notice a
 # dead peer; tcp_user_timeout, unacknowledged data). A user's own `options` in DATABASE_URL come after
@@ -65,60 +64,6 @@ def bounded(dsn: str) -> str:
     return make_conninfo(dsn, options=f"{ours} {theirs}".strip(), **_SOCKET)
 
 
-# The scores column, written out rather than json.dumps'd (a tenth of a no-op worker's main-thread time
-# went to that): Analysis admits only our label names as keys and finite floats as values, and a float's
-# repr is what json writes for it. One format string for the whole object: the values are read by label
-# (`SENTIMENT_VALUES`, an operator.itemgetter, in C) and formatted in one call, 40% faster than a join per
-# distribution.
-_SCORES = (
-    '{"sentiment": {'
-    + ", ".join(f'"{label}": %r' for label in SENTIMENTS)
-    + '}, "emotion": {'
-    + ", ".join(f'"{label}": %r' for label in EMOTIONS)
-    + "}}"
-)
-
-
-def _encode(post: Post, analysis: Analysis) -> tuple[Any, ...]:
-    """The COPY row of one post and its analysis. The probabilities are read once, in label order, for
-    the labels (as Analysis chooses them) and the scores column."""
-    s, e = SENTIMENT_VALUES(analysis.sentiment_scores), EMOTION_VALUES(analysis.emotion_scores)
-    return (
-        post.post_id,
-        post.source,
-        post.content,
-        post.author,
-        post.created_at,
-        top_label(s, SENTIMENTS),
-        max(s),
-        top_label(e, EMOTIONS),
-        max(e),
-        _SCORES % (*map(float, s), *map(float, e)),
-        analysis.model,
-        post.entry_id,
-    )
-
-
-@attrs.frozen
-class Record:
-    """A post and its analysis, encoded as a COPY row once, where it is made: in the analysis stage,
-    off the writer's critical path (docs/benchmarks.md)."""
-
-    post: Post
-    analysis: Analysis
-    row: tuple[Any, ...] = attrs.field(
-        init=False, default=attrs.Factory(lambda self: _encode(self.post, self.analysis), takes_self=True)
-    )
-
-
-@attrs.frozen
-class WriteResult:
-    posts_inserted: int
-    analyses_inserted: int
-    # Entry IDs whose post_id is already stored with other content: nothing of theirs was written.
-    conflicts: tuple[str, ...] = ()
-
-
 @attrs.frozen
 class TableCounts:
     posts: int
@@ -130,57 +75,10 @@ class Store(Protocol):
     async def migrate(self) -> int: ...
     async def check_writable(self) -> None: ...
     async def write(self, records: Sequence[Record]) -> WriteResult: ...
+    async def rows_sent(self) -> None: ...
     async def ping(self) -> bool: ...
 
 
-COLUMNS = (
-    "post_id",
-    "source",
-    "content",
-    "author",
-    "created_at",
-    "sentiment",
-    "sentiment_score",
-    "emotion",
-    "emotion_score",
-    "scores",
-    "model",
-    "stream_entry_id",
-)
-_TEMP_TABLE = """
-CREATE TEMP TABLE incoming (
-    post_id text, source text, content text, author text, created_at timestamptz,
-    sentiment text, sentiment_score real, emotion text, emotion_score real, scores text,
-    model text, stream_entry_id text
-) ON COMMIT DELETE ROWS
-"""
-_INSERT_POSTS = """
-INSERT INTO social_media_posts (post_id, source, content, author, created_at)
-SELECT post_id, source, content, author, created_at FROM incoming
-ON CONFLICT (post_id) DO NOTHING
-"""
-_CONFLICTS = """
-SELECT i.stream_entry_id FROM incoming i JOIN social_media_posts p USING (post_id)
-WHERE p.content IS DISTINCT FROM i.content
-"""
-_INSERT_ANALYSES = """
-INSERT INTO sentiment_analysis
-    (post_id, sentiment, sentiment_score, emotion, emotion_score, scores, model, stream_entry_id)
-SELECT i.post_id, i.sentiment, i.sentiment_score, i.emotion, i.emotion_score, i.scores::jsonb, i.model,
-       i.stream_entry_id
-FROM incoming i JOIN social_media_posts p ON p.post_id = i.post_id AND p.content = i.content
-ON CONFLICT (post_id) DO NOTHING
-"""
-# `sentiment reanalyze`: the replaced analysis moves to the history table, the new one becomes current.
-_MOVE_TO_HISTORY = """
-INSERT INTO sentiment_analysis_history
-    (id, post_id, sentiment, sentiment_score, emotion, emotion_score, scores, model, analyzed_at,
-     stream_entry_id)
-SELECT a.id, a.post_id, a.sentiment, a.sentiment_score, a.emotion, a.emotion_score, a.scores, a.model,
-       a.analyzed_at, a.stream_entry_id
-FROM sentiment_analysis a JOIN incoming i USING (post_id)
-"""
-_DELETE_REPLACED = "DELETE FROM sentiment_analysis a USING incoming i WHERE a.post_id = i.post_id"
 _ANALYSED_BY_OTHERS = """
 SELECT p.post_id, p.source, p.content, p.author, p.created_at, a.stream_entry_id
 FROM sentiment_analysis a JOIN social_media_posts p USING (post_id)
@@ -204,44 +102,10 @@ _NEEDED = (
 _WRITABLE = f"SELECT {', '.join(check for check, _ in _NEEDED)}, current_user"
 
 
-def prepare_connection(conn: psycopg.Connection[Any]) -> None:
-    """Create the session's staging table for `write_rows`, outside any batch transaction, so that a
-    rollback cannot drop it."""
-    conn.execute(_TEMP_TABLE)
-
-
-def write_rows(
-    conn: psycopg.Connection[Any],
-    rows: Sequence[tuple[Any, ...]],
-    *,
-    replace: bool = False,
-    find_conflicts: bool = True,
-) -> WriteResult:
-    """Write `Record.row`s in one transaction: COPY into the staging table, then the posts and their
-    analyses with INSERT … ON CONFLICT DO NOTHING, so a redelivered batch writes nothing twice. A post_id
-    already stored with other content is reported in `conflicts` and not written. `replace`: the new
-    analyses become the current ones and the replaced ones move to the history table (reanalyze).
-    `find_conflicts=False` skips that check: only the raw-loop benchmark does, whose floor has always been
-    COPY and the two INSERTs alone. Used by PostgresStore and that benchmark."""
-    with conn.transaction(), conn.cursor() as cur:
-        try:
-            with cur.copy(f"COPY incoming ({', '.join(COLUMNS)}) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
-        except psycopg.Error:
-            raise
-        except Exception as exc:
-            # A value psycopg cannot encode (say, a lone surrogate that slipped past validation) is the
-            # data's fault like a row the server refuses: the caller isolates it row by row.
-            raise StoreError(f"a row cannot be encoded: {type(exc).__name__}: {exc}"[:300]) from exc
-        cur.execute(_INSERT_POSTS)
-        posts = cur.rowcount
-        if replace:
-            cur.execute(_MOVE_TO_HISTORY)
-            cur.execute(_DELETE_REPLACED)
-        conflicts = tuple(r[0] for r in cur.execute(_CONFLICTS).fetchall()) if find_conflicts else ()
-        cur.execute(_INSERT_ANALYSES)
-        return WriteResult(posts, cur.rowcount, conflicts)
+def _set_event() -> trio.Event:
+    event = trio.Event()
+    event.set()
+    return event
 
 
 class PostgresStore:
@@ -252,6 +116,7 @@ class PostgresStore:
         self._conn: psycopg.Connection[Any] | None = None
         self._has_temp = False
         self._limiter = trio.CapacityLimiter(1)
+        self._sending = _set_event()  # set while no write is formatting its rows (`rows_sent`)
 
     async def aclose(self) -> None:
         # Bounded: a statement abandoned at shutdown may still hold the connection (and the limiter);
@@ -328,8 +193,41 @@ class PostgresStore:
     async def write(self, records: Sequence[Record]) -> WriteResult:
         if not records:
             return WriteResult(0, 0)
-        result: WriteResult = await self._run(self._write, [r.row for r in records], False)
+        sending = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+
+        def post(fn: Callable[[], None]) -> None:  # from the writing thread to trio's, in order
+            with contextlib.suppress(trio.RunFinishedError):  # a write abandoned at shutdown
+                token.run_sync_soon(fn)
+
+        def arm() -> None:
+            self._sending = sending
+
+        def write(conn: psycopg.Connection[Any], rows: list[tuple[Any, ...]]) -> WriteResult:
+            if not armed:
+                post(arm)
+            return self._write(conn, rows, False, partial(post, sending.set))
+
+        # Armed here, before the analysis task runs again, when the connection is free; a write queued
+        # behind another shard's formats nothing yet, and is armed from its thread once it starts.
+        armed = self._limiter.available_tokens > 0
+        if armed:
+            arm()
+        try:
+            result: WriteResult = await self._run(write, [r.row for r in records])
+        finally:
+            sending.set()
         return result
+
+    async def rows_sent(self) -> None:
+        """Return once the write under way, if any, has sent its rows (at most SENDING_WAIT_S).
+
+        Up to then its thread formats rows and needs the GIL; after that the server works and the GIL
+        is free. The analysis stage waits here before its own Python work on a batch: started together,
+        that work held the writer's thread back for the GIL's switch interval (5 ms) each batch, and the
+        writer is the slowest stage when the model is fast (docs/benchmarks.md)."""
+        with trio.move_on_after(SENDING_WAIT_S):
+            await self._sending.wait()
 
     async def analysed_by_others(self, current: str, only: str | None, after: str, limit: int) -> list[Post]:
         """Posts whose current analysis another model made (only `only`, if given), by post_id."""
@@ -352,12 +250,16 @@ class PostgresStore:
         return result.analyses_inserted
 
     def _write(
-        self, conn: psycopg.Connection[Any], rows: list[tuple[Any, ...]], replace: bool
+        self,
+        conn: psycopg.Connection[Any],
+        rows: list[tuple[Any, ...]],
+        replace: bool,
+        on_sent: Callable[[], None] | None = None,
     ) -> WriteResult:
         if not self._has_temp:
             prepare_connection(conn)
             self._has_temp = True
-        return write_rows(conn, rows, replace=replace)
+        return write_rows(conn, rows, replace=replace, on_sent=on_sent)
 
     async def counts(self) -> TableCounts:
         def query(conn: psycopg.Connection[Any]) -> TableCounts:

@@ -257,6 +257,7 @@ class Worker:
     ) -> None:
         with recv, send:
             async for batch in recv:
+                await self.parts.store.rows_sent()  # not while the writer needs the GIL
                 analysed = await self.processor.analyse(batch.entries)
                 try:
                     await send.send((batch, analysed))

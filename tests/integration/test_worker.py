@@ -18,7 +18,8 @@ from sentiment.config import Settings
 from sentiment.deadletter import decode
 from sentiment.entries import id_key
 from sentiment.errors import StoreUnavailable
-from sentiment.store import PostgresStore, Record, WriteResult
+from sentiment.rows import Record, WriteResult
+from sentiment.store import PostgresStore
 from sentiment.wiring import build_worker, open_parts, open_worker, run_reclaim
 from sentiment.worker import Worker
 

@@ -14,7 +14,7 @@ from sentiment.analysis.base import Analysis
 from sentiment.analysis.labels import EMOTIONS, SENTIMENTS
 from sentiment.entries import Claimed, DeadLetter, Entry, PendingEntry, id_key
 from sentiment.errors import ModelError, StoreUnavailable, StreamUnavailable
-from sentiment.store import Record, WriteResult
+from sentiment.rows import Record, WriteResult
 
 
 @attrs.define
@@ -230,6 +230,9 @@ class FakeStore:
 
     async def ping(self) -> bool:
         return True
+
+    async def rows_sent(self) -> None:
+        await trio.lowlevel.checkpoint()
 
     async def write(self, records: Sequence[Record]) -> WriteResult:
         await trio.lowlevel.checkpoint()

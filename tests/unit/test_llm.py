@@ -14,7 +14,7 @@ from sentiment.analysis.fallback import FallbackAnalyzer
 from sentiment.analysis.llm import CircuitBreaker, LLMAnalyzer, RetryableReply, retry_wait
 from sentiment.errors import ConfigError, ModelError
 from sentiment.post import Post
-from sentiment.store import COLUMNS, Record
+from sentiment.rows import COLUMNS, Record
 
 from ..support.fakes import FakeAnalyzer
 from ..support.llm_server import Reply, llm_server

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from sentiment.analysis.base import Analysis
 from sentiment.analysis.labels import EMOTIONS, SENTIMENTS
 from sentiment.post import Post
-from sentiment.store import COLUMNS, Record
+from sentiment.rows import COLUMNS, Record
 
 POST = Post("1-0", "p1", "text", "src", "me", datetime(2024, 1, 2, tzinfo=UTC))
 probability = st.floats(min_value=0.0, max_value=1.0) | st.sampled_from([0, 1, 1e-300, 5e-324, 0.1])

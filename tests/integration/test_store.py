@@ -1,0 +1,109 @@
+"""PostgresStore against the real PostgreSQL: when a write lets the analysis stage run."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import trio
+
+from sentiment import rows as rows_module
+from sentiment import store as store_module
+from sentiment.analysis.noop import NoopAnalyzer
+from sentiment.post import Post
+from sentiment.rows import Record
+from sentiment.store import SENDING_WAIT_S, PostgresStore
+
+from ..support.servers import rows
+
+
+def records(n: int) -> list[Record]:
+    result = NoopAnalyzer()._result
+    when = datetime(2026, 1, 1, tzinfo=UTC)
+    return [Record(Post(f"1-{i}", f"p{i}", f"text {i}", "", "", when), result) for i in range(n)]
+
+
+class HeldWrite:
+    """`write_rows` in two steps the test opens: formatting the rows, then the statements after them."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entered, self.formatted, self.executed = (threading.Event() for _ in range(3))
+        real = rows_module.write_rows
+
+        def held(conn: Any, rows: Any, *, on_sent: Callable[[], None] | None = None, **kw: Any) -> Any:
+            assert on_sent is not None
+            self.entered.set()
+            self.formatted.wait(10)
+
+            def sent() -> None:
+                on_sent()
+                self.executed.wait(10)  # the server still busy with the statements
+
+            return real(conn, rows, on_sent=sent, **kw)
+
+        monkeypatch.setattr(store_module, "write_rows", held)
+
+    async def started(self) -> None:
+        """The write's thread is in `write_rows`."""
+        with trio.fail_after(5):
+            while not self.entered.is_set():  # noqa: ASYNC110 - set by a thread
+                await trio.sleep(0.001)
+
+
+async def test_rows_sent_waits_while_a_write_formats_its_rows_and_no_longer(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = PostgresStore(pg_dsn)
+    await store.migrate()
+    with trio.fail_after(5):
+        await store.rows_sent()  # no write under way: at once
+    held = HeldWrite(monkeypatch)
+    returned = trio.Event()
+
+    async def wait() -> None:
+        await store.rows_sent()
+        returned.set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.write, records(3))
+            await held.started()
+            nursery.start_soon(wait)
+            await trio.sleep(SENDING_WAIT_S / 4)
+            assert not returned.is_set()  # still formatting
+            held.formatted.set()
+            with trio.fail_after(5):
+                await returned.wait()
+            assert rows(pg_dsn) == 0  # the statements have not run: the wait ended at the send
+            held.executed.set()
+        assert rows(pg_dsn) == 3
+    finally:
+        held.formatted.set()
+        held.executed.set()
+        await store.aclose()
+
+
+async def test_rows_sent_is_bounded_when_a_write_never_sends(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = PostgresStore(pg_dsn)
+    await store.migrate()
+    held = HeldWrite(monkeypatch)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.write, records(2))
+            await held.started()
+            started = trio.current_time()
+            await store.rows_sent()
+            waited = trio.current_time() - started
+            assert SENDING_WAIT_S * 0.9 <= waited < SENDING_WAIT_S + 2
+            held.formatted.set()
+            held.executed.set()
+        assert rows(pg_dsn) == 2
+    finally:
+        held.formatted.set()
+        held.executed.set()
+        await store.aclose()
