@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -21,6 +22,7 @@ import redis
 import redis.asyncio as aioredis
 import redis.cluster
 import redis.exceptions as rex
+import trio
 import trio_asyncio
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
@@ -71,10 +73,33 @@ async def asyncio_loop() -> AsyncIterator[None]:
         yield
         return
     try:
-        async with trio_asyncio.open_loop():
+        async with trio_asyncio.open_loop() as loop:
+            _queue_from_any_thread(loop)
             yield
     except* MemoryError:
         raise RedisClient._out_of_memory() from None
+
+
+def _queue_from_any_thread(loop: Any) -> None:
+    """Make the loop's `call_soon` safe from any thread.
+
+    trio-asyncio's `call_soon` must run in trio's thread (python-trio/trio-asyncio#44). asyncio's
+    `StreamWriter.__del__` calls it wherever the garbage collector frees a connection that was not closed,
+    as redis-py's cluster client leaves them behind while slots move. That can be psycopg's thread or an
+    inference thread. There it corrupted trio's channel and hung the loop, or ended the run with
+    TrioInternalError. From another thread, the handle now goes through the trio token, as
+    `call_soon_threadsafe` does."""
+    home, token = threading.get_ident(), trio.lowlevel.current_trio_token()
+    queue = loop._queue_handle
+
+    def queue_handle(handle: asyncio.Handle) -> asyncio.Handle:
+        if threading.get_ident() == home:
+            return queue(handle)
+        with contextlib.suppress(trio.RunFinishedError):  # the loop is gone: nothing left to run it
+            token.run_sync_soon(queue, handle)
+        return handle
+
+    loop._queue_handle = queue_handle
 
 
 def is_cluster(mode: str, info: Any) -> bool:
