@@ -114,6 +114,8 @@ FROM incoming i JOIN social_media_posts p ON p.post_id = i.post_id AND p.content
 ON CONFLICT (post_id) DO NOTHING
 """
 # `sentiment reanalyze`: the replaced analysis moves to the history table, the new one becomes current.
+# Only where the incoming row's content is the stored post's: the analyses INSERT takes only those, and
+# any other would leave its post with no current analysis.
 _MOVE_TO_HISTORY = """
 INSERT INTO sentiment_analysis_history
     (id, post_id, sentiment, sentiment_score, emotion, emotion_score, scores, model, analyzed_at,
@@ -121,8 +123,12 @@ INSERT INTO sentiment_analysis_history
 SELECT a.id, a.post_id, a.sentiment, a.sentiment_score, a.emotion, a.emotion_score, a.scores, a.model,
        a.analyzed_at, a.stream_entry_id
 FROM sentiment_analysis a JOIN incoming i USING (post_id)
+JOIN social_media_posts p ON p.post_id = i.post_id AND p.content = i.content
 """
-_DELETE_REPLACED = "DELETE FROM sentiment_analysis a USING incoming i WHERE a.post_id = i.post_id"
+_DELETE_REPLACED = """
+DELETE FROM sentiment_analysis a USING incoming i, social_media_posts p
+WHERE a.post_id = i.post_id AND p.post_id = i.post_id AND p.content = i.content
+"""
 
 
 def prepare_connection(conn: psycopg.Connection[Any]) -> None:

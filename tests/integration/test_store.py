@@ -7,6 +7,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import attrs
 import pytest
 import trio
 
@@ -106,4 +107,21 @@ async def test_rows_sent_is_bounded_when_a_write_never_sends(
     finally:
         held.formatted.set()
         held.executed.set()
+        await store.aclose()
+
+
+async def test_a_replacement_with_other_content_replaces_nothing(pg_dsn: str) -> None:
+    # reanalyze reads its posts from the table, so their content matches; a row that did not must not
+    # take the post's current analysis away and put nothing in its place.
+    store = PostgresStore(pg_dsn)
+    await store.migrate()
+    try:
+        first, second = records(2)
+        await store.write([first, second])
+        other = Record(attrs.evolve(first.post, content="other content"), first.analysis)
+        assert await store.replace([other, second]) == 1
+        assert rows(pg_dsn) == 2  # both posts keep a current analysis
+        assert rows(pg_dsn, "SELECT count(*) FROM sentiment_analysis_history") == 1  # only `second`'s
+        assert rows(pg_dsn, "SELECT count(*) FROM sentiment_analysis_history WHERE post_id = 'p1'") == 1
+    finally:
         await store.aclose()
