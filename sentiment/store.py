@@ -203,16 +203,17 @@ class PostgresStore:
         def arm() -> None:
             self._sending = sending
 
-        def write(conn: psycopg.Connection[Any], rows: list[tuple[Any, ...]]) -> WriteResult:
-            if not armed:
-                post(arm)
-            return self._write(conn, rows, False, partial(post, sending.set))
-
         # Armed here, before the analysis task runs again, when the connection is free; a write queued
         # behind another shard's formats nothing yet, and is armed from its thread once it starts.
         armed = self._limiter.available_tokens > 0
         if armed:
             arm()
+
+        def write(conn: psycopg.Connection[Any], rows: list[tuple[Any, ...]]) -> WriteResult:
+            if not armed:
+                post(arm)
+            return self._write(conn, rows, False, partial(post, sending.set))
+
         try:
             result: WriteResult = await self._run(write, [r.row for r in records])
         finally:
