@@ -94,7 +94,8 @@ def _queue_from_any_thread(loop: Any) -> None:
 
     def queue_handle(handle: asyncio.Handle) -> asyncio.Handle:
         if threading.get_ident() == home:
-            return queue(handle)
+            queued: asyncio.Handle = queue(handle)
+            return queued
         with contextlib.suppress(trio.RunFinishedError):  # the loop is gone: nothing left to run it
             token.run_sync_soon(queue, handle)
         return handle
