@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -54,74 +54,73 @@ class HeldWrite:
                 await trio.sleep(0.001)
 
 
-async def test_rows_sent_waits_while_a_write_formats_its_rows_and_no_longer(
-    pg_dsn: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+async def store(pg_dsn: str) -> AsyncIterator[PostgresStore]:
     store = PostgresStore(pg_dsn)
     await store.migrate()
-    with trio.fail_after(5):
-        await store.rows_sent()  # no write under way: at once
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+@pytest.fixture
+def held(monkeypatch: pytest.MonkeyPatch) -> Iterator[HeldWrite]:
     held = HeldWrite(monkeypatch)
+    try:
+        yield held
+    finally:  # before the store closes (fixtures end in reverse order): its thread must finish
+        held.formatted.set()
+        held.executed.set()
+
+
+async def test_rows_sent_waits_while_a_write_formats_its_rows_and_no_longer(
+    pg_dsn: str, store: PostgresStore, held: HeldWrite
+) -> None:
     returned = trio.Event()
 
     async def wait() -> None:
         await store.rows_sent()
         returned.set()
 
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(store.write, records(3))
-            await held.started()
-            nursery.start_soon(wait)
-            await trio.sleep(SENDING_WAIT_S / 4)
-            assert not returned.is_set()  # still formatting
-            held.formatted.set()
-            with trio.fail_after(5):
-                await returned.wait()
-            assert rows(pg_dsn) == 0  # the statements have not run: the wait ended at the send
-            held.executed.set()
-        assert rows(pg_dsn) == 3
-    finally:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store.write, records(3))
+        await held.started()
+        nursery.start_soon(wait)
+        await trio.sleep(SENDING_WAIT_S / 4)
+        assert not returned.is_set()  # still formatting
         held.formatted.set()
+        with trio.fail_after(5):
+            await returned.wait()
+        assert rows(pg_dsn) == 0  # the statements have not run: the wait ended at the send
         held.executed.set()
-        await store.aclose()
+    assert rows(pg_dsn) == 3
+    with trio.fail_after(5):
+        await store.rows_sent()  # no write under way: at once
 
 
 async def test_rows_sent_is_bounded_when_a_write_never_sends(
-    pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+    pg_dsn: str, store: PostgresStore, held: HeldWrite
 ) -> None:
-    store = PostgresStore(pg_dsn)
-    await store.migrate()
-    held = HeldWrite(monkeypatch)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(store.write, records(2))
-            await held.started()
-            started = trio.current_time()
-            await store.rows_sent()
-            waited = trio.current_time() - started
-            assert SENDING_WAIT_S * 0.9 <= waited < SENDING_WAIT_S + 2
-            held.formatted.set()
-            held.executed.set()
-        assert rows(pg_dsn) == 2
-    finally:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store.write, records(2))
+        await held.started()
+        started = trio.current_time()
+        await store.rows_sent()
+        waited = trio.current_time() - started
+        assert SENDING_WAIT_S * 0.9 <= waited < SENDING_WAIT_S + 2
         held.formatted.set()
         held.executed.set()
-        await store.aclose()
+    assert rows(pg_dsn) == 2
 
 
-async def test_a_replacement_with_other_content_replaces_nothing(pg_dsn: str) -> None:
+async def test_a_replacement_with_other_content_replaces_nothing(pg_dsn: str, store: PostgresStore) -> None:
     # reanalyze reads its posts from the table, so their content matches; a row that did not must not
     # take the post's current analysis away and put nothing in its place.
-    store = PostgresStore(pg_dsn)
-    await store.migrate()
-    try:
-        first, second = records(2)
-        await store.write([first, second])
-        other = Record(attrs.evolve(first.post, content="other content"), first.analysis)
-        assert await store.replace([other, second]) == 1
-        assert rows(pg_dsn) == 2  # both posts keep a current analysis
-        assert rows(pg_dsn, "SELECT count(*) FROM sentiment_analysis_history") == 1  # only `second`'s
-        assert rows(pg_dsn, "SELECT count(*) FROM sentiment_analysis_history WHERE post_id = 'p1'") == 1
-    finally:
-        await store.aclose()
+    first, second = records(2)
+    await store.write([first, second])
+    other = Record(attrs.evolve(first.post, content="other content"), first.analysis)
+    assert await store.replace([other, second]) == 1
+    assert rows(pg_dsn) == 2  # both posts keep a current analysis
+    assert rows(pg_dsn, "SELECT count(*) FROM sentiment_analysis_history") == 1
+    assert rows(pg_dsn, "SELECT count(*) FROM sentiment_analysis_history WHERE post_id = 'p1'") == 1
