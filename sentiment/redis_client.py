@@ -96,9 +96,15 @@ def _queue_from_any_thread(loop: Any) -> None:
         if threading.get_ident() == home:
             queued: asyncio.Handle = queue(handle)
             return queued
-        with contextlib.suppress(trio.RunFinishedError):  # the loop is gone: nothing left to run it
-            token.run_sync_soon(queue, handle)
+        with contextlib.suppress(trio.RunFinishedError):  # trio is gone: nothing left to run it
+            token.run_sync_soon(queue_in_trio, handle)
         return handle
+
+    def queue_in_trio(handle: asyncio.Handle) -> None:
+        # An exception here would end trio's run (TrioInternalError). A loop closed meanwhile (RuntimeError)
+        # or its channel closed has nothing left to run the handle: a dropped connection's close.
+        with contextlib.suppress(RuntimeError, trio.ClosedResourceError, trio.BrokenResourceError):
+            queue(handle)
 
     loop._queue_handle = queue_handle
 

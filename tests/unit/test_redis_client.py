@@ -75,3 +75,25 @@ def test_call_soon_from_another_thread_runs_in_the_loop() -> None:
 
 def test_an_unclosed_connection_collected_in_a_thread_is_closed_in_the_loop() -> None:
     assert run(UNCLOSED_CONNECTION_COLLECTED_IN_A_THREAD).strip() == "closed True"
+
+
+CALL_SOON_FROM_A_THREAD_AFTER_THE_LOOP_CLOSED = """
+import threading, trio, trio_asyncio
+from sentiment.redis_client import asyncio_loop
+
+async def main():
+    async with asyncio_loop():
+        loop = trio_asyncio.current_loop.get()
+    # trio runs on; the loop is closed: a late __del__ in some thread still calls call_soon
+    thread = threading.Thread(target=loop.call_soon, args=(print, "never"))
+    thread.start()
+    thread.join()
+    await trio.sleep(0.1)
+    print("trio still runs")
+
+trio.run(main)
+"""
+
+
+def test_call_soon_from_a_thread_after_the_loop_closed_does_not_end_trio() -> None:
+    assert run(CALL_SOON_FROM_A_THREAD_AFTER_THE_LOOP_CLOSED).strip() == "trio still runs"
