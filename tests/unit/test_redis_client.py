@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 CALL_SOON_FROM_A_THREAD = """
 import trio, trio_asyncio
 from sentiment.redis_client import asyncio_loop
@@ -97,3 +99,89 @@ trio.run(main)
 
 def test_call_soon_from_a_thread_after_the_loop_closed_does_not_end_trio() -> None:
     assert run(CALL_SOON_FROM_A_THREAD_AFTER_THE_LOOP_CLOSED).strip() == "trio still runs"
+
+
+# A peer that keeps sending to every connection, so that their sockets are readable while the collector
+# frees the writers of connections nobody closed (what redis-py's cluster client leaves behind).
+CHATTY_PEER = """
+import socket, threading, time
+srv = socket.create_server(("127.0.0.1", 0))
+print(srv.getsockname()[1], flush=True)
+conns, lock = [], threading.Lock()
+
+def accept():
+    while True:
+        c, _ = srv.accept()
+        c.setblocking(False)
+        with lock:
+            conns.append(c)
+
+threading.Thread(target=accept, daemon=True).start()
+while True:
+    with lock:
+        for c in list(conns):
+            try:
+                c.send(b"x" * 16)
+            except BlockingIOError:
+                pass
+            except OSError:
+                conns.remove(c)
+                c.close()
+    time.sleep(0.0005)
+"""
+
+DROPPED_CONNECTIONS_COLLECTED = """
+import asyncio, gc, time, warnings, trio, trio_asyncio
+from sentiment.redis_client import asyncio_loop
+
+warnings.simplefilter("ignore", ResourceWarning)
+PORT, IN_THREAD = {port}, {in_thread}
+
+async def main():
+    async with asyncio_loop():
+        async def dropped():
+            tasks = []
+            for _ in range(10):
+                reader, writer = await asyncio.open_connection("127.0.0.1", PORT)
+                cycle = [writer]
+                cycle.append(cycle)  # never closed; only the collector frees it
+
+                async def drain(reader=reader):
+                    try:
+                        while await reader.read(4096):
+                            pass
+                    except Exception:
+                        pass
+
+                tasks.append(asyncio.ensure_future(drain()))
+            del reader, writer, cycle
+            await asyncio.sleep(0.005)  # data flowing
+            return tasks
+
+        end = time.monotonic() + 4
+        while time.monotonic() < end:
+            tasks = await trio_asyncio.aio_as_trio(dropped)()
+            if IN_THREAD:
+                await trio.to_thread.run_sync(gc.collect)
+            else:
+                gc.collect()
+            await trio_asyncio.aio_as_trio(lambda: asyncio.wait_for(asyncio.gather(*tasks), 10))()
+    print("loop exited cleanly")
+
+trio.run(main)
+"""
+
+
+@pytest.mark.parametrize("in_thread", [True, False], ids=["collected in a thread", "in trio's thread"])
+def test_dropped_connections_with_traffic_never_break_the_loop(in_thread: bool) -> None:
+    # Before the writers' closes were sent to trio's thread: TrioInternalError (a task rescheduled twice)
+    # within a second, or a hang (second review of 2026-12-01).
+    command = [sys.executable, "-c", textwrap.dedent(CHATTY_PEER)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as peer:
+        try:
+            assert peer.stdout is not None
+            port = int(peer.stdout.readline())
+            script = DROPPED_CONNECTIONS_COLLECTED.format(port=port, in_thread=in_thread)
+            assert run(script).strip() == "loop exited cleanly"
+        finally:
+            peer.kill()
