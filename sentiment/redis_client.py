@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
-import threading
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -24,16 +21,15 @@ import redis
 import redis.asyncio as aioredis
 import redis.cluster
 import redis.exceptions as rex
-import trio
 import trio_asyncio
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from .errors import ConfigError, OutOfMemory, StreamUnavailable
+from .loop_safety import guard
 from .redact import driver_text, mask_url
 from .retry import Health, retrying
 
 T = TypeVar("T")
-log = logging.getLogger(__name__)
 # Error codes that say the environment is wrong (busy, read-only, out of memory, ACL, a key of the
 # wrong type), not an entry.
 _NOT_OURS = frozenset(
@@ -77,74 +73,10 @@ async def asyncio_loop() -> AsyncIterator[None]:
         return
     try:
         async with trio_asyncio.open_loop() as loop:
-            _queue_from_any_thread(loop)
-            _TOKENS[loop] = trio.lowlevel.current_trio_token()
-            asyncio.StreamWriter.__del__ = _writer_del  # type: ignore[method-assign]
+            guard(loop)  # against what the garbage collector does to it: loop_safety.py
             yield
     except* MemoryError:
         raise RedisClient._out_of_memory() from None
-
-
-# The trio token of each loop opened here, for the finalizer below.
-_TOKENS: weakref.WeakKeyDictionary[Any, trio.lowlevel.TrioToken] = weakref.WeakKeyDictionary()
-_STDLIB_WRITER_DEL = asyncio.StreamWriter.__del__
-
-
-def _writer_del(writer: asyncio.StreamWriter) -> None:
-    """`StreamWriter.__del__`, for writers on our loops: the close goes to trio's thread, at a safe point.
-
-    asyncio's own closes the transport right where the collector runs: in any thread, or in the middle of
-    whatever trio or trio-asyncio was doing when the collection started. Closing removes the socket from
-    trio's epoll registrations and cancels its scope, so from there it hung the trio run or ended it with
-    TrioInternalError (the second review of 2026-12-01: a few seconds of unclosed connections whose peer
-    closes them). `run_sync_soon` is safe from any thread and from re-entrant code (signal handlers)."""
-    token = _TOKENS.get(writer._loop)  # type: ignore[attr-defined]
-    if token is None:
-        _STDLIB_WRITER_DEL(writer)
-        return
-    transport = writer.transport
-    if transport.is_closing():
-        return
-    with contextlib.suppress(trio.RunFinishedError):  # trio is gone: so is everything to close
-        token.run_sync_soon(_close_quietly, transport)
-
-
-def _close_quietly(transport: asyncio.BaseTransport) -> None:
-    # An exception in a run_sync_soon callback ends trio's run: a loop closed meanwhile (RuntimeError), or
-    # anything else a dropped connection's close raises, is not worth that.
-    try:
-        transport.close()
-    except Exception as exc:
-        log.debug("closing a dropped Redis connection failed: %s: %s", type(exc).__name__, exc)
-
-
-def _queue_from_any_thread(loop: Any) -> None:
-    """Make the loop's `call_soon` safe from any thread.
-
-    trio-asyncio's `call_soon` must run in trio's thread (python-trio/trio-asyncio#44). asyncio's
-    `StreamWriter.__del__` calls it wherever the garbage collector frees a connection that was not closed,
-    as redis-py's cluster client leaves them behind while slots move. That can be psycopg's thread or an
-    inference thread. There it corrupted trio's channel and hung the loop, or ended the run with
-    TrioInternalError. From another thread, the handle now goes through the trio token, as
-    `call_soon_threadsafe` does."""
-    home, token = threading.get_ident(), trio.lowlevel.current_trio_token()
-    queue = loop._queue_handle
-
-    def queue_handle(handle: asyncio.Handle) -> asyncio.Handle:
-        if threading.get_ident() == home:
-            queued: asyncio.Handle = queue(handle)
-            return queued
-        with contextlib.suppress(trio.RunFinishedError):  # trio is gone: nothing left to run it
-            token.run_sync_soon(queue_in_trio, handle)
-        return handle
-
-    def queue_in_trio(handle: asyncio.Handle) -> None:
-        # An exception here would end trio's run (TrioInternalError). A loop closed meanwhile (RuntimeError)
-        # or its channel closed has nothing left to run the handle: a dropped connection's close.
-        with contextlib.suppress(RuntimeError, trio.ClosedResourceError, trio.BrokenResourceError):
-            queue(handle)
-
-    loop._queue_handle = queue_handle
 
 
 def is_cluster(mode: str, info: Any) -> bool:
