@@ -47,11 +47,16 @@ def stop_within_bound(proc: subprocess.Popen[str]) -> tuple[float, str]:
 
 
 def in_the_write(r: redis.Redis, settings: Settings) -> bool:
-    """Entries are pending: the worker read them and is inside a write that hangs."""
+    """The worker read entries (they are pending) and its write waits for a lock. Pending alone was not
+    enough: a SIGTERM between the read and the hand-over to the analysis stage leaves nothing in flight,
+    and the worker rightly exits at once (0), the entries pending."""
     try:
-        return bool(r.xpending(settings.stream, settings.group)["pending"])
+        if not r.xpending(settings.stream, settings.group)["pending"]:
+            return False
     except redis.ResponseError:  # no group yet
         return False
+    waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    return rows(settings.database_url, waiting) > 0
 
 
 def all_written_once(settings: Settings, r: redis.Redis, n: int) -> None:
