@@ -25,6 +25,7 @@ import gc
 import logging
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -77,8 +78,13 @@ def _writer_del(writer: asyncio.StreamWriter) -> None:
 
 
 def _close_later(token: trio.lowlevel.TrioToken, transport: asyncio.BaseTransport) -> None:
-    with contextlib.suppress(trio.RunFinishedError):  # trio is gone: so is everything to close
-        token.run_sync_soon(_close_quietly, transport)
+    _soon(token, _close_quietly, transport)
+
+
+def _soon(token: trio.lowlevel.TrioToken, fn: Callable[[Any], None], arg: Any) -> None:
+    """`fn(arg)` in trio's thread, at a safe point; nothing if trio is gone (so is what it would do)."""
+    with contextlib.suppress(trio.RunFinishedError):
+        token.run_sync_soon(fn, arg)
 
 
 def _close_quietly(transport: asyncio.BaseTransport) -> None:
@@ -97,8 +103,7 @@ def _defer_call_soon(loop: Any, token: trio.lowlevel.TrioToken, home: int) -> No
         if not _not_here(home):
             queued: asyncio.Handle = queue(handle)
             return queued
-        with contextlib.suppress(trio.RunFinishedError):
-            token.run_sync_soon(queue_later, handle)
+        _soon(token, queue_later, handle)
         return handle
 
     def queue_later(handle: asyncio.Handle) -> None:

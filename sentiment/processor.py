@@ -272,8 +272,6 @@ def _rounds(records: Sequence[Record]) -> list[list[Record]]:
     """The records in writing rounds: round k holds the k-th entry (in stream order) of each post_id of
     the batch. Each copy of a post_id is written after the ones before it and meets what they stored, as
     if they had come in separate batches: the same content is a duplicate, other content a conflict."""
-    if len({r.post.post_id for r in records}) == len(records):
-        return [list(records)] if records else []  # the usual case: one round, in any order
     rounds: list[list[Record]] = []
     seen: dict[str, int] = {}
     for record in sorted(records, key=lambda r: id_key(r.post.entry_id)):

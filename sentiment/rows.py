@@ -131,6 +131,18 @@ WHERE a.post_id = i.post_id AND p.post_id = i.post_id AND p.content = i.content
 """
 
 
+_COPY = f"COPY incoming ({', '.join(COLUMNS)}) FROM STDIN"
+# The statements between the posts' INSERT and the analyses', by (replace, find_conflicts), and the whole
+# message after the COPY: made once, not per batch.
+_MIDDLE = {
+    (replace, conflicts): ((_MOVE_TO_HISTORY, _DELETE_REPLACED) if replace else ())
+    + ((_CONFLICTS,) if conflicts else ())
+    for replace in (False, True)
+    for conflicts in (False, True)
+}
+_AFTER_COPY = {key: ";".join((_INSERT_POSTS, *middle, _INSERT_ANALYSES)) for key, middle in _MIDDLE.items()}
+
+
 def prepare_connection(conn: psycopg.Connection[Any]) -> None:
     """Create the session's staging table for `write_rows`, outside any batch transaction, so that a
     rollback cannot drop it."""
@@ -156,7 +168,7 @@ def write_rows(
     message, so from then on the server works until COMMIT without this thread needing the GIL."""
     with conn.transaction(), conn.cursor() as cur:
         try:
-            with cur.copy(f"COPY incoming ({', '.join(COLUMNS)}) FROM STDIN") as copy:
+            with cur.copy(_COPY) as copy:
                 for row in rows:
                     copy.write_row(row)
         except psycopg.Error:
@@ -167,11 +179,9 @@ def write_rows(
             raise StoreError(f"a row cannot be encoded: {type(exc).__name__}: {exc}"[:300]) from exc
         if on_sent is not None:
             on_sent()
-        middle = ((_MOVE_TO_HISTORY, _DELETE_REPLACED) if replace else ()) + (
-            (_CONFLICTS,) if find_conflicts else ()
-        )
+        middle = _MIDDLE[replace, find_conflicts]
         # No parameters: one simple-query message, its results read in order (`nextset`).
-        cur.execute(";".join((_INSERT_POSTS, *middle, _INSERT_ANALYSES)))
+        cur.execute(_AFTER_COPY[replace, find_conflicts])
         posts = cur.rowcount
         for _ in middle:
             cur.nextset()

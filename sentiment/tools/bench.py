@@ -189,14 +189,15 @@ def bench_pipeline(
     # Commit times and entry IDs, turned into latencies after the run: the benchmark's own bookkeeping
     # stays off the worker's main thread while it is measured.
     commits: list[tuple[float, list[str]]] = []
-    done = [0]
+    done = 0
 
     def on_commit(outcome: Outcome, analysed: Analysed, batch: Batch) -> None:
+        nonlocal done
         now = time.time()
         marks.setdefault("first_read", batch.read_at_wall)
         marks["last_commit"] = now
         commits.append((now, [r.post.entry_id for r in analysed.records]))
-        done[0] += len(analysed.records)
+        done += len(analysed.records)
 
     def paced() -> None:
         # Against the clock, not a fixed sleep: publishing takes time too, and a sleep after it offered
@@ -218,7 +219,7 @@ def bench_pipeline(
                     # Posts go out once the worker reads: latency of a running worker, not of its start.
                     await nursery.start(worker.run)
                     publisher.start()
-                    while publisher.is_alive() or done[0] < n:  # noqa: ASYNC110 - a thread to watch
+                    while publisher.is_alive() or done < n:  # noqa: ASYNC110 - a thread to watch
                         await trio.sleep(0.05)
                     worker.stop()
             else:
