@@ -40,8 +40,8 @@ class GroupState:
     async def group_info(self, count_up_to: int = 0) -> dict[str, int]:
         """Our group's pending count, its lag as XINFO GROUPS reports it (-1: Redis cannot tell, after
         XDEL or trims: redis issue 13337), and its backlog: the entries not yet delivered to it, the lag
-        where Redis knows it, else counted past the group's last-delivered ID, up to `count_up_to` (0: not
-        counted, -1)."""
+        where Redis knows it (0 where no entry lies past the group's last-delivered ID), else counted past
+        that ID, up to `count_up_to` (0: not counted, -1)."""
         last, lag, pending = "0-0", None, 0
         for group in await self._groups():
             if decode(group["name"]) == self.group:
@@ -52,6 +52,11 @@ class GroupState:
                 )
                 break
         said = -1 if lag is None else int(lag)
+        if said > 0 and not await self._call(self._redis.xrange, self.name, f"({last}", "+", count=1):
+            # Nothing past the group's position, whatever the lag says: after a failover or a slot
+            # migration Redis 7.0 can keep a lag of hundreds on a group that has read everything, and a
+            # backlog that is not there would hold scaled-up workers and the backlog alert.
+            return {"lag": said, "backlog": 0, "pending": pending}
         if lag is not None or not count_up_to:
             return {"lag": said, "backlog": said, "pending": pending}
         backlog, start = 0, f"({last}"

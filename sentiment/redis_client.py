@@ -31,9 +31,12 @@ from .retry import Health, retrying
 
 T = TypeVar("T")
 # Error codes that say the environment is wrong (busy, read-only, out of memory, ACL, a key of the
-# wrong type), not an entry.
+# wrong type), not an entry. UNBLOCKED ends a blocking XREADGROUP when its master stops serving the key:
+# a graceful failover ("instance state changed (master -> replica?)"), a slot migrated away or the key
+# deleted ("the stream key no longer exists"), or CLIENT UNBLOCK; the retry follows the redirect.
 _NOT_OURS = frozenset(
     {
+        "UNBLOCKED",
         "LOADING",
         "BUSY",
         "TRYAGAIN",

@@ -154,6 +154,47 @@ def test_reclaim_after_a_sigkilled_worker(on_cluster: Settings, crs: redis.clust
     assert rows(on_cluster.database_url, "SELECT count(DISTINCT post_id) FROM sentiment_analysis") == n
 
 
+def blocked_reads(cluster: ThrowawayCluster, key: str) -> int:
+    """Connections waiting in XREADGROUP on the master serving `key`."""
+    clients = cluster.cli(cluster.master_of(key).port, "client", "list").splitlines()
+    return sum(1 for c in clients if "cmd=xreadgroup" in c and "flags=b" in c)
+
+
+def test_idle_workers_read_on_through_a_graceful_failover(
+    on_cluster: Settings, cluster: ThrowawayCluster, crs: redis.cluster.RedisCluster
+) -> None:
+    # A graceful failover (an operator's upgrade: CLUSTER FAILOVER on the replica) ends every blocked
+    # XREADGROUP on the old master with "UNBLOCKED ... (master -> replica?)". In review every idle worker
+    # exited 1 at that moment; they must follow the slot to the new master instead.
+    n = 600
+    keys = shards(on_cluster)
+    env = worker_env(on_cluster, BLOCK_MS="10000")
+    workers = [start_worker(env), start_worker(env)]
+    try:
+        wait_for(lambda: blocked_reads(cluster, keys[0].stream) == 2, "both workers waiting on shard 0", 60)
+        failover_s = cluster.fail_over(keys[0].stream)
+        published(on_cluster, n, seed=8)
+
+        def exited() -> bool:
+            return any(w.poll() is not None for w in workers)
+
+        wait_for(lambda: exited() or rows_so_far(on_cluster.database_url) == n, "every post", 120)
+        wait_for(lambda: exited() or pending(crs, on_cluster) == 0, "nothing pending", 60)
+        assert not exited(), "a worker exited"
+    finally:
+        logs = []
+        for w in workers:
+            w.send_signal(signal.SIGTERM)
+            logs.append(w.communicate(timeout=60)[1])
+        if any(w.returncode for w in workers):
+            print(*(log[-3000:] for log in logs), sep="\n---- worker log ----\n")
+    print(f"\ngraceful failover: the replica served after {failover_s:.1f} s")
+    assert [w.returncode for w in workers] == [0, 0]
+    assert all("Traceback" not in log for log in logs)
+    assert rows(on_cluster.database_url, "SELECT count(DISTINCT post_id) FROM sentiment_analysis") == n
+    assert [crs.xlen(k.dead) for k in keys] == [0, 0, 0]
+
+
 def stopped_duplicates(log: str) -> int:
     """The duplicates a worker reported in its last line (`stopped: written W, duplicates D, …`)."""
     line = next(x for x in reversed(log.splitlines()) if "stopped: written" in x)

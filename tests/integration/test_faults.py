@@ -23,7 +23,7 @@ from sentiment.tools.throwaway import ThrowawayPostgres, ThrowawayRedis, make_wo
 from sentiment.wiring import build_worker, open_parts, open_worker, run_reclaim
 
 from ..support.fakes import FakeAnalyzer
-from ..support.servers import ROOT, rows, rows_so_far, worker_env
+from ..support.servers import ROOT, rows, rows_so_far, start_worker, wait_for, worker_env
 
 
 def publish(r: redis.Redis, stream: str, ids: range, text: str = "fine text") -> None:
@@ -81,6 +81,40 @@ def test_redis_and_postgres_outages_of_10s_lose_nothing(
     assert log.count("Redis unavailable") == 1, log
     assert log.count("PostgreSQL unavailable") == 1, log
     assert "Redis is back" in log and "PostgreSQL is back" in log
+
+
+def test_a_blocking_read_the_server_ends_is_read_again(settings: Settings, rds: redis.Redis) -> None:
+    # Redis ends a blocked XREADGROUP with an UNBLOCKED error when its master stops serving the key (a
+    # graceful failover, a slot migrated away: in review on a cluster, every idle worker exited 1 at
+    # once), when the key is deleted, or on CLIENT UNBLOCK. Not a post's fault: read again.
+    worker = start_worker(worker_env(settings, BLOCK_MS="10000"))
+
+    def blocked() -> int | None:
+        """The worker's connection waiting in XREADGROUP, if there is one now."""
+        waiting = (c for c in rds.client_list() if c["cmd"] == "xreadgroup" and "b" in c["flags"])
+        return next((int(c["id"]) for c in waiting), None)
+
+    def stored(n: int) -> None:
+        wait_for(lambda: worker.poll() is not None or rows_so_far(settings.database_url) >= n, f"{n} rows")
+        assert worker.poll() is None, "the worker exited"
+
+    try:
+        publish(rds, settings.stream, range(0, 10))
+        stored(10)
+        wait_for(
+            lambda: (client := blocked()) is not None and rds.client_unblock(client, error=True), "a read"
+        )
+        publish(rds, settings.stream, range(10, 20))
+        stored(20)
+        wait_for(blocked, "a read")
+        rds.delete(settings.stream)  # "UNBLOCKED the stream key no longer exists"; the group goes too
+        publish(rds, settings.stream, range(20, 30))
+        stored(30)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        log = worker.communicate(timeout=60)[1]
+    assert worker.returncode == 0 and "Traceback" not in log, log[-3000:]
+    assert rows(settings.database_url, "SELECT count(DISTINCT post_id) FROM sentiment_analysis") == 30
 
 
 def _wait_rows(dsn: str, n: int, timeout: float = 60.0) -> None:
