@@ -101,7 +101,8 @@ class Monitor:
         self._show_up()
         if p.cache is not None:
             p.cache.on_lookup = self._count_lookups
-        p.redis.on_change = lambda _up: self._show_up()
+        for w in self.workers:  # one Redis flag per shard (wiring.open_shards)
+            w.parts.redis.on_change = lambda _up: self._show_up()
         p.postgres.on_change = lambda _up: self._show_up()
 
     def _count_lookups(self, hits: int, misses: int) -> None:
@@ -110,8 +111,15 @@ class Monitor:
 
     def _show_up(self) -> None:
         p = self.parts
-        self.metrics.redis_up.set(int(p.redis.up and not self.probes["redis"]))
+        self.metrics.redis_up.set(int(not self._redis_down() and not self.probes["redis"]))
         self.metrics.postgres_up.set(int(p.postgres.up and not self.probes["postgres"]))
+
+    def _redis_down(self) -> list[str]:
+        """Why each shard's Redis calls fail now (one master down on a cluster fails only its shards)."""
+        down = [w.parts.redis for w in self.workers if not w.parts.redis.up]
+        if len(self.workers) == 1:
+            return [h.reason for h in down]
+        return [f"{h.name}: {h.reason}" for h in down]
 
     def ready(self) -> tuple[bool, str]:
         p = self.parts
@@ -119,9 +127,13 @@ class Monitor:
         # would only flap to 503 when one of them fails. What they wait for is said below.
         prepared = all(w.prepared for w in self.workers)
         missing = [] if prepared else ["starting: checking keys, schema, grants and the model"]
-        for name, service in (("model", p.model), ("redis", p.redis), ("postgres", p.postgres)):
-            if not service.up:
-                missing.append(f"{name}: {service.reason}")
+        for name, down in (
+            ("model", [] if p.model.up else [p.model.reason]),
+            ("redis", self._redis_down()),
+            ("postgres", [] if p.postgres.up else [p.postgres.reason]),
+        ):
+            if down:
+                missing.append(f"{name}: {'; '.join(down)}")
             elif self.probes.get(name):
                 missing.append(f"{name}: {self.probes[name]}")
         return not missing, "ready" if not missing else "not ready: " + "; ".join(missing)
@@ -138,7 +150,7 @@ class Monitor:
         # Stalled: entries in flight and no commit for long, in any one shard's worker.
         for w in self.workers:
             idle = time.monotonic() - w.last_progress
-            if w.inflight and p.redis.up and p.postgres.up and idle > STALL_AFTER_S:
+            if w.inflight and w.parts.redis.up and p.postgres.up and idle > STALL_AFTER_S:
                 return False, f"stalled: {len(w.inflight)} entries in flight, no commit for {idle:.0f} s"
         return True, "ok"
 

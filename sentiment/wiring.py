@@ -23,6 +23,7 @@ from .processor import Processor
 from .reclaim import ReclaimReport, reclaim
 from .redact import mask_url
 from .redis_client import RedisClient, asyncio_loop
+from .retry import Health
 from .shutdown import stop_on_signal
 from .store import PostgresStore
 from .stream import RedisStream
@@ -152,13 +153,18 @@ async def open_store(settings: Settings) -> AsyncIterator[PostgresStore]:
 async def open_shards(
     settings: Settings, analyzer: Analyzer | None = None, *, wait: bool = False
 ) -> AsyncIterator[tuple[Parts, ...]]:
-    """Parts for each shard: its own stream; one store, analyzer, cache and set of health flags."""
+    """Parts for each shard: its own stream and Redis health flag; one store, analyzer, cache and the
+    other health flags. A flag per shard, because one master down on a cluster fails one shard's calls
+    while the others succeed: one shared flag said "down" and "back" by turns, many times a second."""
     # The no-op analyzer answers faster than a cache lookup: nothing to save.
     wanted = settings.cache_entries and settings.model_type != "noop"
     cache = ResultCache(settings.cache_entries, settings.cache_max_bytes) if wanted else None
     async with open_streams(settings, wait=wait) as streams, open_store(settings) as store:
         first = Parts(streams[0], store, analyzer or build_analyzer(settings), cache)
-        yield tuple(attrs.evolve(first, stream=stream) for stream in streams)
+        if len(streams) == 1:
+            yield (first,)
+        else:
+            yield tuple(attrs.evolve(first, stream=s, redis=Health(f"Redis ({s.name})")) for s in streams)
 
 
 @asynccontextmanager

@@ -244,6 +244,12 @@ def test_a_master_killed_mid_run_loses_no_post_and_writes_none_twice(
     )
     assert analysed == distinct == n and left == 0 and codes == [0, 0]
     assert all("Traceback" not in log for log in logs)
+    # Each shard says when its Redis calls start failing and when they work again, once: the shards on
+    # live masters, whose calls kept working, do not flip a shared flag back and forth.
+    for log in logs:
+        outages = [x.split("WARNING")[-1] for x in log.splitlines() if "Redis" in x and "unavailable" in x]
+        print("OUTAGES", len(outages), outages[:8])
+        assert len(outages) <= SHARDS, outages
 
 
 def test_a_shard_resharded_mid_run_is_followed(

@@ -3,6 +3,7 @@ a poison text, retention. Outages use throwaway servers that only these tests st
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,11 +20,19 @@ import trio_asyncio
 from sentiment.config import Settings
 from sentiment.deadletter import decode
 from sentiment.errors import StreamUnavailable
-from sentiment.tools.throwaway import ThrowawayPostgres, ThrowawayRedis, make_workdir
+from sentiment.tools.throwaway import ThrowawayPostgres, ThrowawayRedis, free_port, make_workdir
 from sentiment.wiring import build_worker, open_parts, open_worker, run_reclaim
 
 from ..support.fakes import FakeAnalyzer
-from ..support.servers import ROOT, rows, rows_so_far, start_worker, wait_for, worker_env
+from ..support.servers import (
+    ROOT,
+    readyz_text,
+    rows,
+    rows_so_far,
+    start_worker,
+    wait_for,
+    worker_env,
+)
 
 
 def publish(r: redis.Redis, stream: str, ids: range, text: str = "fine text") -> None:
@@ -115,6 +124,52 @@ def test_a_blocking_read_the_server_ends_is_read_again(settings: Settings, rds: 
         log = worker.communicate(timeout=60)[1]
     assert worker.returncode == 0 and "Traceback" not in log, log[-3000:]
     assert rows(settings.database_url, "SELECT count(DISTINCT post_id) FROM sentiment_analysis") == 30
+
+
+def test_one_shard_refused_is_one_outage_in_the_log(settings: Settings) -> None:
+    # One shard's calls fail while the others' succeed (one master down on a cluster; here an ACL that
+    # stops covering shard 1's keys). With one Redis flag for all shards the log said "unavailable" and
+    # "back after 0.0 s" by turns, many times a second (seen in review); now each shard says it once.
+    work = make_workdir()
+    r = ThrowawayRedis(work / "redis")
+    r.start()
+    admin = redis.Redis.from_url(r.url)
+    try:
+        admin.acl_setuser("w", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all"])
+        s = attrs.evolve(settings, redis_url=f"redis://w:pw@127.0.0.1:{r.port}/0", stream_shards=2)
+        keys = s.keys(cluster=False)
+        port = free_port()
+        worker = start_worker(worker_env(s, METRICS_PORT=str(port)))
+        try:
+            for i, k in enumerate(keys):
+                publish(admin, k.stream, range(100 * i, 100 * i + 10))
+            wait_for(lambda: rows_so_far(s.database_url) == 20, "20 rows")
+            shard_0 = [keys[0].stream, keys[0].dead, keys[0].attempts]
+            admin.acl_setuser("w", enabled=True, reset_keys=True, keys=shard_0)  # (enabled: else "off")
+            for i, k in enumerate(keys):
+                publish(admin, k.stream, range(100 * i + 10, 100 * i + 20))
+            # Shard 0's: p0 to p19. (Shard 1 may have read some of its new posts just before and written
+            # them; their acks wait.)
+            shard_0_rows = "SELECT count(*) FROM sentiment_analysis WHERE length(post_id) <= 3"
+            wait_for(lambda: rows(s.database_url, shard_0_rows) == 20, "shard 0's posts")
+            wait_for(lambda: keys[1].stream in readyz_text(port), "/readyz naming shard 1")
+            time.sleep(5)  # shard 0 keeps reading (every BLOCK_MS) while shard 1 retries
+            admin.acl_setuser("w", enabled=True, keys=["*"])
+            wait_for(lambda: rows(s.database_url) == 40, "shard 1's posts")
+            wait_for(lambda: readyz_text(port).startswith("ready"), "ready again")
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            log = worker.communicate(timeout=60)[1]
+    finally:
+        admin.close()
+        r.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    assert worker.returncode == 0, log[-3000:]
+    said = [x for x in log.splitlines() if "unavailable" in x or "is back" in x]
+    assert len(said) == 2, said
+    assert (
+        f"Redis ({keys[1].stream}) unavailable" in said[0] and f"Redis ({keys[1].stream}) is back" in said[1]
+    )
 
 
 def _wait_rows(dsn: str, n: int, timeout: float = 60.0) -> None:
