@@ -248,7 +248,6 @@ def test_a_master_killed_mid_run_loses_no_post_and_writes_none_twice(
     # live masters, whose calls kept working, do not flip a shared flag back and forth.
     for log in logs:
         outages = [x.split("WARNING")[-1] for x in log.splitlines() if "Redis" in x and "unavailable" in x]
-        print("OUTAGES", len(outages), outages[:8])
         assert len(outages) <= SHARDS, outages
 
 
