@@ -123,7 +123,13 @@ def id_key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def next_id(entry_id: str) -> str:
-    """The smallest stream ID after `entry_id` (an inclusive start that skips it)."""
+MAX_ID_PART = 2**64 - 1  # each half of a stream ID is an unsigned 64-bit number
+
+
+def next_id(entry_id: str) -> str | None:
+    """The smallest stream ID after `entry_id` (an inclusive start that skips it); None after the
+    largest ID there is, which a producer may XADD and a group may be set to."""
     ms, seq = id_key(entry_id)
-    return f"{ms}-{seq + 1}"
+    if seq < MAX_ID_PART:
+        return f"{ms}-{seq + 1}"
+    return f"{ms + 1}-0" if ms < MAX_ID_PART else None

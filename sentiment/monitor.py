@@ -180,10 +180,13 @@ class Monitor:
             if not self.probes["redis"]:
                 try:
                     counted_at = await self._sample_groups(counted_at)
+                    if figures_failing:
+                        log.warning("backlog and pending figures read again")
                     figures_failing = False
                 except SentimentError as exc:
-                    # Redis answers but will not say (an ACL without XINFO): the figures keep their
-                    # last values (one warning says why); the worker itself is fine and stays ready.
+                    # Redis answers but will not say (an ACL without XINFO, one shard's master
+                    # down): the figures keep their last values (one warning says why, one when they
+                    # are read again); the worker itself may be fine and stay ready.
                     if not figures_failing:
                         log.warning("backlog and pending figures not read: %s", exc)
                     figures_failing = True

@@ -61,7 +61,8 @@ async def claimed_pages(
             # Claimed without its body (JUSTID); the page holds the copy Redis cut, if it is now ours.
             big = page.oversized
             ids = await retrying(redis, stream.claim, [big.id], min_idle_ms)
-            claimed = Claimed(next_id(big.id), (big,) if ids == [big.id] else (), ())
+            # After the largest ID there is nothing left: 0-0 ends the pass, as XAUTOCLAIM's own does.
+            claimed = Claimed(next_id(big.id) or "0-0", (big,) if ids == [big.id] else (), ())
         else:
             claimed = await retrying(redis, stream.autoclaim, cursor, min_idle_ms, page.size)
         if claimed.deleted:

@@ -16,9 +16,11 @@ import redis
 import trio
 
 from sentiment.config import Settings
+from sentiment.entries import MAX_ID_PART as MAX
+from sentiment.group_state import CHECK_UP_TO
 from sentiment.monitor import serve_monitor
 from sentiment.tools.throwaway import ThrowawayRedis, free_port, make_workdir
-from sentiment.wiring import build_worker, open_parts
+from sentiment.wiring import build_worker, open_parts, open_stream
 
 from ..support.fakes import FakeAnalyzer
 from ..support.servers import (
@@ -190,14 +192,54 @@ def test_a_lag_redis_reports_past_the_last_entry_is_no_backlog(settings: Setting
     worker = start_worker(worker_env(settings, METRICS_PORT=str(port)))
     try:
         wait_for(lambda: rows_so_far(settings.database_url) == 40, "every post", 60)
+        # A sample from before the reads said lag 40 too: wait for one that says 0.
+        wait_for(lambda: metrics(port).get("sentiment_consumer_group_lag") == 0, "lag 0", 30)
         rds.xgroup_setid(settings.stream, settings.group, "$", entries_read=0)
         assert rds.xinfo_groups(settings.stream)[0]["lag"] == 40
         wait_for(lambda: metrics(port).get("sentiment_consumer_group_lag") == 40, "Redis's lag", 30)
         assert metrics(port)["sentiment_backlog_entries"] == 0
+        # The group set to the largest ID there is: nothing can lie past it (no XRANGE from past it,
+        # which Redis refuses; that ended the worker in review).
+        rds.xgroup_setid(settings.stream, settings.group, f"{MAX}-{MAX}", entries_read=1)
+        wait_for(lambda: metrics(port).get("sentiment_consumer_group_lag") == 39, "Redis's lag", 30)
+        assert metrics(port)["sentiment_backlog_entries"] == 0
+        time.sleep(1)
+        assert worker.poll() is None, "the worker exited"
     finally:
         worker.terminate()
         log = worker.communicate(timeout=30)[1]
     assert worker.returncode == 0 and "Traceback" not in log, log[-3000:]
+
+
+async def test_the_backlog_is_counted_where_redis_lag_is_wrong(settings: Settings, rds: redis.Redis) -> None:
+    ids = [rds.xadd(settings.stream, {"n": str(i)}) for i in range(40)]
+    rds.xgroup_create(settings.stream, settings.group, id="0")
+    rds.xreadgroup(settings.group, "c", {settings.stream: ">"}, count=40)
+    rds.xack(settings.stream, settings.group, *ids)
+    async with open_stream(settings) as stream:
+        # Lag 40 too high (as after a failover), then 5 real entries past the position: 5, not 45.
+        rds.xgroup_setid(settings.stream, settings.group, "$", entries_read=0)
+        for i in range(5):
+            rds.xadd(settings.stream, {"n": f"new {i}"})
+        assert await stream.group_info() == {"lag": 45, "backlog": 5, "pending": 0}
+        # Lag 0 with entries waiting (ENTRIESREAD too high): counted.
+        rds.xgroup_setid(settings.stream, settings.group, ids[-1], entries_read=45)
+        assert await stream.group_info() == {"lag": 0, "backlog": 5, "pending": 0}
+        # More past the position than are counted on every reading: Redis's lag stands (it may be that
+        # wrong), or the count if higher.
+        for i in range(CHECK_UP_TO):
+            rds.xadd(settings.stream, {"n": f"more {i}"})
+        assert (await stream.group_info())["backlog"] == CHECK_UP_TO + 1  # Redis says 256: at least 257
+        rds.xgroup_setid(settings.stream, settings.group, ids[-1], entries_read=0)
+        assert await stream.group_info() == {"lag": 301, "backlog": 301, "pending": 0}
+        # Lag unknown (an XDEL past the position): counted up to what the caller asks.
+        rds.xdel(settings.stream, rds.xrevrange(settings.stream, count=1)[0][0])
+        assert await stream.group_info() == {"lag": -1, "backlog": -1, "pending": 0}
+        assert (await stream.group_info(count_up_to=100_000))["backlog"] == 260
+        assert (await stream.group_info(count_up_to=CHECK_UP_TO + 2))["backlog"] == CHECK_UP_TO + 2
+        # The group at the largest ID there is: nothing past it.
+        rds.xgroup_setid(settings.stream, settings.group, f"{MAX}-{MAX}")
+        assert (await stream.group_info())["backlog"] == 0
 
 
 def test_a_worker_says_when_work_waits_under_another_shard_count(
