@@ -59,9 +59,12 @@ def _wait(check: object, what: str, timeout: float = 30.0) -> None:
 
 
 def _answers(port: int) -> bool:
+    """PONG to a PING: accepting connections is not enough, a restarted server answers LOADING while it
+    reads its append-only file back (a test's own client then failed on it, under load)."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
     except OSError:
         return False
 
