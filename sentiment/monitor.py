@@ -163,7 +163,7 @@ class Monitor:
         self.metrics.lag.set(-1 if min(lags) < 0 else sum(lags))  # -1: Redis cannot tell
         if min(backlogs) >= 0:  # else: a shard not counted this time, the last count stands
             self.metrics.backlog.set(sum(backlogs))
-            counted_at = time.monotonic() if count and min(lags) < 0 else counted_at
+            counted_at = time.monotonic() if count else counted_at
         self.metrics.pending.set(sum(i["pending"] for i in infos))
         return counted_at
 
