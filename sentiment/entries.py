@@ -124,6 +124,7 @@ def id_key(entry_id: str) -> tuple[int, int]:
 
 
 MAX_ID_PART = 2**64 - 1  # each half of a stream ID is an unsigned 64-bit number
+LARGEST_ID = f"{MAX_ID_PART}-{MAX_ID_PART}"
 
 
 def next_id(entry_id: str) -> str | None:

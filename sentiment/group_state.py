@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import redis.exceptions as rex
 
 from .consumers import REMOVE_IDLE
-from .entries import id_key, next_id
+from .entries import LARGEST_ID, id_key, next_id
 from .errors import StreamUnavailable
 from .redis_client import decode, no_such_key
 
@@ -30,10 +30,10 @@ while n < limit do
   if #found == 0 then break end
   n, last = n + 1, found[1][1]
   start = '(' .. last
-  if last == '18446744073709551615-18446744073709551615' then break end
+  if last == 'LARGEST_ID' then break end
 end
 return {n, last}
-"""
+""".replace("LARGEST_ID", LARGEST_ID)
 
 
 class GroupState:
@@ -74,13 +74,13 @@ class GroupState:
                 break
         said = -1 if lag is None else int(lag)
         try:
-            seen = await self._count_past(last, CHECK_UP_TO + 1)
+            seen, after = await self._count_past(next_id(last), CHECK_UP_TO + 1)
             if seen <= CHECK_UP_TO:
                 backlog = seen  # every one counted
             elif said >= seen:
                 backlog = said
             elif count_up_to > seen:
-                backlog = await self._count_past(last, count_up_to)
+                backlog = seen + (await self._count_past(after, count_up_to - seen))[0]
             else:
                 backlog = seen if count_up_to else -1  # at least `seen`: enough for "is anything left?"
         except StreamUnavailable as exc:
@@ -89,18 +89,19 @@ class GroupState:
             backlog = said  # an ACL without EVAL: Redis's lag, as it is
         return {"lag": said, "backlog": backlog, "pending": pending}
 
-    async def _count_past(self, last: str, limit: int) -> int:
-        """The entries after ID `last`, counted inside Redis up to `limit`: an undelivered entry may be
-        far too large to fetch (see RedisStream.peek_oversized), and only the count is wanted."""
-        counted, start = 0, next_id(last)  # None: past the largest ID there is, nothing can follow
+    async def _count_past(self, start: str | None, limit: int) -> tuple[int, str | None]:
+        """The entries from ID `start` on (None: past the largest ID, nothing), counted inside Redis up to
+        `limit`, and where a further count would start: an undelivered entry may be far too large to
+        fetch (see RedisStream.peek_oversized), and only the count is wanted."""
+        counted = 0
         while start is not None and counted < limit:
             step = min(limit - counted, COUNT_STEP)
             reply: Any = await self._call(self._redis.eval, _COUNT_PAST, 1, self.name, start, step)
             counted += int(reply[0])
             if int(reply[0]) < step:
-                break
+                return counted, None  # the end of the stream
             start = next_id(decode(reply[1]))
-        return counted
+        return counted, start
 
     async def groups(self) -> list[dict[str, Any]]:
         """XINFO GROUPS of the stream, each group with its consumers (XINFO CONSUMERS), for `stats`."""

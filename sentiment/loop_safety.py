@@ -66,7 +66,7 @@ def _writer_close(writer: asyncio.StreamWriter) -> None:
     if found is None or not _not_here(found[1]):
         _STDLIB_CLOSE(writer)
         return
-    _close_later(found[0], writer.transport)
+    _soon(found[0], _close_quietly, writer.transport)
 
 
 def _writer_del(writer: asyncio.StreamWriter) -> None:
@@ -74,11 +74,7 @@ def _writer_del(writer: asyncio.StreamWriter) -> None:
     if found is None:
         _STDLIB_DEL(writer)
     elif not writer.transport.is_closing():
-        _close_later(found[0], writer.transport)
-
-
-def _close_later(token: trio.lowlevel.TrioToken, transport: asyncio.BaseTransport) -> None:
-    _soon(token, _close_quietly, transport)
+        _soon(found[0], _close_quietly, writer.transport)
 
 
 def _soon(token: trio.lowlevel.TrioToken, fn: Callable[[Any], None], arg: Any) -> None:

@@ -69,6 +69,11 @@ def _answers(port: int) -> bool:
         return False
 
 
+def _node_port(address: str) -> int:
+    """The port of a CLUSTER NODES address (`host:port@busport`)."""
+    return int(address.split("@")[0].rsplit(":", 1)[1])
+
+
 @attrs.define
 class ThrowawayRedis:
     workdir: Path
@@ -260,9 +265,7 @@ class ThrowawayCluster:
             fields = line.split()
             if len(fields) < 3 or "fail" in fields[2] or "noaddr" in fields[2]:
                 continue
-            out[int(fields[1].split("@")[0].rsplit(":", 1)[1])] = (
-                "master" if "master" in fields[2] else "slave"
-            )
+            out[_node_port(fields[1])] = "master" if "master" in fields[2] else "slave"
         return out
 
     def healthy(self) -> bool:
@@ -294,7 +297,7 @@ class ThrowawayCluster:
             for run in fields[8:]:
                 low, _, high = run.partition("-")
                 if low.isdigit() and int(low) <= int(slot) <= int(high or low):
-                    node_port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+                    node_port = _node_port(fields[1])
                     return next(n for n in self.nodes if n.port == node_port)
         return None
 
@@ -325,9 +328,7 @@ class ThrowawayCluster:
         node.process.kill()
         node.process.wait(timeout=10)
         node.process = None
-        started = time.monotonic()
-        _wait(lambda: self._serving(key) not in (None, node) and self.healthy(), "the failover", timeout)
-        return time.monotonic() - started
+        return self._taken_over(key, node, time.monotonic(), timeout)
 
     def fail_over(self, key: str, timeout: float = 30.0) -> float:
         """A graceful failover (CLUSTER FAILOVER on a replica) of the master serving `key`: the two swap
@@ -335,7 +336,7 @@ class ThrowawayCluster:
         node = self.master_of(key)
         node_id = self.cli(node.port, "cluster", "myid").strip()
         replica_port = next(
-            int(line.split()[1].split("@")[0].rsplit(":", 1)[1])
+            _node_port(line.split()[1])
             for line in self.cli(node.port, "cluster", "replicas", node_id).splitlines()
             if line.strip()
         )
@@ -343,6 +344,11 @@ class ThrowawayCluster:
         reply = self.cli(replica_port, "cluster", "failover").strip()
         if reply != "OK":
             raise RuntimeError(f"CLUSTER FAILOVER on {replica_port}: {reply}")
+        return self._taken_over(key, node, started, timeout)
+
+    def _taken_over(self, key: str, node: ThrowawayRedis, started: float, timeout: float) -> float:
+        """Wait until a node other than `node` serves `key` and the cluster is whole again; the seconds
+        since `started`."""
         _wait(lambda: self._serving(key) not in (None, node) and self.healthy(), "the failover", timeout)
         return time.monotonic() - started
 
