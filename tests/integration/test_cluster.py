@@ -25,6 +25,7 @@ from sentiment.tools.throwaway import ThrowawayCluster, make_workdir
 from ..support.llm_server import Reply, llm_server
 from ..support.servers import (
     ROOT,
+    blocked_reads,
     drain,
     llm_env,
     rows,
@@ -154,10 +155,10 @@ def test_reclaim_after_a_sigkilled_worker(on_cluster: Settings, crs: redis.clust
     assert rows(on_cluster.database_url, "SELECT count(DISTINCT post_id) FROM sentiment_analysis") == n
 
 
-def blocked_reads(cluster: ThrowawayCluster, key: str) -> int:
+def waiting_on(cluster: ThrowawayCluster, key: str) -> int:
     """Connections waiting in XREADGROUP on the master serving `key`."""
-    clients = cluster.cli(cluster.master_of(key).port, "client", "list").splitlines()
-    return sum(1 for c in clients if "cmd=xreadgroup" in c and "flags=b" in c)
+    with redis.Redis(port=cluster.master_of(key).port) as master:
+        return len(blocked_reads(master))
 
 
 def test_idle_workers_read_on_through_a_graceful_failover(
@@ -171,7 +172,7 @@ def test_idle_workers_read_on_through_a_graceful_failover(
     env = worker_env(on_cluster, BLOCK_MS="10000")
     workers = [start_worker(env), start_worker(env)]
     try:
-        wait_for(lambda: blocked_reads(cluster, keys[0].stream) == 2, "both workers waiting on shard 0", 60)
+        wait_for(lambda: waiting_on(cluster, keys[0].stream) == 2, "both workers waiting on shard 0", 60)
         failover_s = cluster.fail_over(keys[0].stream)
         published(on_cluster, n, seed=8)
 

@@ -26,6 +26,7 @@ from sentiment.wiring import build_worker, open_parts, open_worker, run_reclaim
 from ..support.fakes import FakeAnalyzer
 from ..support.servers import (
     ROOT,
+    blocked_reads,
     readyz_text,
     rows,
     rows_so_far,
@@ -98,11 +99,6 @@ def test_a_blocking_read_the_server_ends_is_read_again(settings: Settings, rds: 
     # once), when the key is deleted, or on CLIENT UNBLOCK. Not a post's fault: read again.
     worker = start_worker(worker_env(settings, BLOCK_MS="10000"))
 
-    def blocked() -> int | None:
-        """The worker's connection waiting in XREADGROUP, if there is one now."""
-        waiting = (c for c in rds.client_list() if c["cmd"] == "xreadgroup" and "b" in c["flags"])
-        return next((int(c["id"]) for c in waiting), None)
-
     def stored(n: int) -> None:
         wait_for(lambda: worker.poll() is not None or rows_so_far(settings.database_url) >= n, f"{n} rows")
         assert worker.poll() is None, "the worker exited"
@@ -110,12 +106,10 @@ def test_a_blocking_read_the_server_ends_is_read_again(settings: Settings, rds: 
     try:
         publish(rds, settings.stream, range(0, 10))
         stored(10)
-        wait_for(
-            lambda: (client := blocked()) is not None and rds.client_unblock(client, error=True), "a read"
-        )
+        wait_for(lambda: any(rds.client_unblock(c, error=True) for c in blocked_reads(rds)), "a read")
         publish(rds, settings.stream, range(10, 20))
         stored(20)
-        wait_for(blocked, "a read")
+        wait_for(lambda: blocked_reads(rds), "a read")
         rds.delete(settings.stream)  # "UNBLOCKED the stream key no longer exists"; the group goes too
         publish(rds, settings.stream, range(20, 30))
         stored(30)

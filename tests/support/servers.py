@@ -123,3 +123,8 @@ def dead_letters(r: redis.Redis, key: str) -> dict[str, DeadEntry]:
     by_entry = {d.entry_id: d for d in letters}
     assert len(by_entry) == len(letters), "an entry was dead-lettered twice"
     return by_entry
+
+
+def blocked_reads(r: redis.Redis) -> list[int]:
+    """The client IDs waiting in a blocking XREADGROUP on this server."""
+    return [int(c["id"]) for c in r.client_list() if c["cmd"] == "xreadgroup" and "b" in c["flags"]]
