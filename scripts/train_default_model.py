@@ -35,6 +35,12 @@ def main() -> None:
         default=0,
         help="tweets of the latest training year (2016 test) held out to select epochs and offsets",
     )
+    parser.add_argument(
+        "--emotion-sentiment",
+        type=float,
+        default=0.0,
+        help="weight of a sentiment loss on the emotion examples, labelled with the sentiment their emotion implies",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--limit", type=int, default=0, help="at most this many examples per task (smoke runs)"
@@ -58,6 +64,7 @@ def main() -> None:
             tweet_repeats=a.tweet_repeats,
             balanced=a.balanced,
             holdout=a.holdout,
+            emotion_sentiment=a.emotion_sentiment,
             limit=a.limit,
         )
     )

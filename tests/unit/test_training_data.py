@@ -97,3 +97,14 @@ def test_holdout_year_is_drawn_from_the_latest_year_and_left_out_of_training(tmp
     train = data.semeval_train(root, exclude=val.texts + held.texts)
     assert not set(train.texts) & set(held.texts)
     assert len(train) == 3 + 10 - 4
+
+
+def test_an_emotion_implies_a_sentiment_and_surprise_none(tmp_path: Path) -> None:
+    root = make_tweet_emotion(make_data(tmp_path))
+    reddit = data.goemotions(root, "train")
+    tweets = data.tweeteval_emotion(root, "train", optimism="joy")
+    negative, positive = 0, 2  # SENTIMENTS order: negative, neutral, positive
+    assert data.implied_sentiment(reddit.labels) == (negative, positive, negative)  # gross, yay, angry
+    assert data.implied_sentiment(tweets.labels) == (negative, positive, positive, negative)
+    fear, surprise, neutral = 3, 4, 5  # EMOTIONS order: joy, sadness, anger, fear, surprise, neutral
+    assert data.implied_sentiment([fear, surprise, neutral]) == (negative, -1, 1)

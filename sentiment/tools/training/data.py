@@ -132,6 +132,25 @@ def tweeteval_emotion(data_dir: Path, split: str, *, optimism: str | None = None
     return Examples(tuple(texts), tuple(labels))
 
 
+# The sentiment an emotion label implies, as the GoEmotions authors group their labels: joy positive;
+# anger (with disgust), fear and sadness negative; neutral neutral; surprise ambiguous (-1: no label).
+_IMPLIED = {
+    "joy": "positive",
+    "sadness": "negative",
+    "anger": "negative",
+    "fear": "negative",
+    "neutral": "neutral",
+}
+EMOTION_SENTIMENT: tuple[int, ...] = tuple(
+    SENTIMENTS.index(_IMPLIED[e]) if e in _IMPLIED else -1 for e in EMOTIONS
+)
+
+
+def implied_sentiment(labels: Sequence[int]) -> tuple[int, ...]:
+    """The sentiment each emotion label implies (`EMOTION_SENTIMENT`; -1 where it implies none)."""
+    return tuple(EMOTION_SENTIMENT[label] for label in labels)
+
+
 # The classes TweetEval emotion shares with our six: its scores average over these only.
 TWEET_EMOTIONS: tuple[int, ...] = tuple(EMOTIONS.index(e) for e in ("anger", "joy", "sadness"))
 

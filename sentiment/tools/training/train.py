@@ -45,6 +45,9 @@ class TrainConfig:
     balanced: bool = False  # sentiment loss weighted by inverse class frequency
     # Tweets of the latest training year held out for selection beside TweetEval val (0: none).
     holdout: int = 0
+    # Weight of a sentiment loss on the emotion examples, with the sentiment their emotion implies
+    # (`data.EMOTION_SENTIMENT`): Reddit comments and later tweets beside the 2013–2016 sentiment files.
+    emotion_sentiment: float = 0.0
 
 
 class LoRALinear(nn.Module):
@@ -263,6 +266,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     )
     loss_fn = nn.CrossEntropyLoss()
     sent_loss = loss_fn
+    implied_loss = nn.CrossEntropyLoss(ignore_index=-1)  # surprise implies no sentiment
+    implied = data.implied_sentiment(emo_train.labels)
     if cfg.balanced:
         counts = np.bincount(sent_train.labels, minlength=len(SENTIMENTS)).astype(np.float32)
         weights = torch.from_numpy(counts.sum() / (len(SENTIMENTS) * np.maximum(counts, 1.0)))
@@ -293,6 +298,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "tweet_repeats": cfg.tweet_repeats,
             "balanced": cfg.balanced,
             "holdout": cfg.holdout,
+            "emotion_sentiment": cfg.emotion_sentiment,
             "best_epoch": best["epoch"],
             "history": history,
             "train_examples": {
@@ -316,7 +322,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             examples = sent_train if task == "sentiment" else emo_train
             gold = torch.tensor([examples.labels[i] for i in idx])
             s_logits, e_logits = features[task].logits(idx)
-            loss = sent_loss(s_logits, gold) if task == "sentiment" else loss_fn(e_logits, gold)
+            if task == "sentiment":
+                loss = sent_loss(s_logits, gold)
+            else:
+                loss = loss_fn(e_logits, gold)
+                if cfg.emotion_sentiment:
+                    implied_gold = torch.tensor([implied[i] for i in idx])
+                    if bool((implied_gold >= 0).any()):  # a batch of surprise alone has nothing to add
+                        loss = loss + cfg.emotion_sentiment * implied_loss(s_logits, implied_gold)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
