@@ -133,7 +133,8 @@ def tweeteval_emotion(data_dir: Path, split: str, *, optimism: str | None = None
 
 
 # The sentiment an emotion label implies, as the GoEmotions authors group their labels: joy positive;
-# anger (with disgust), fear and sadness negative; neutral neutral; surprise ambiguous (-1: no label).
+# anger (with disgust), fear and sadness negative; neutral neutral; surprise ambiguous (no label).
+NO_SENTIMENT = -1
 _IMPLIED = {
     "joy": "positive",
     "sadness": "negative",
@@ -142,12 +143,12 @@ _IMPLIED = {
     "neutral": "neutral",
 }
 EMOTION_SENTIMENT: tuple[int, ...] = tuple(
-    SENTIMENTS.index(_IMPLIED[e]) if e in _IMPLIED else -1 for e in EMOTIONS
+    SENTIMENTS.index(_IMPLIED[e]) if e in _IMPLIED else NO_SENTIMENT for e in EMOTIONS
 )
 
 
 def implied_sentiment(labels: Sequence[int]) -> tuple[int, ...]:
-    """The sentiment each emotion label implies (`EMOTION_SENTIMENT`; -1 where it implies none)."""
+    """The sentiment each emotion label implies (`EMOTION_SENTIMENT`; NO_SENTIMENT where it implies none)."""
     return tuple(EMOTION_SENTIMENT[label] for label in labels)
 
 

@@ -266,7 +266,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     )
     loss_fn = nn.CrossEntropyLoss()
     sent_loss = loss_fn
-    implied_loss = nn.CrossEntropyLoss(ignore_index=-1)  # surprise implies no sentiment
+    implied_loss = nn.CrossEntropyLoss(ignore_index=data.NO_SENTIMENT)  # surprise implies none
     implied = data.implied_sentiment(emo_train.labels)
     if cfg.balanced:
         counts = np.bincount(sent_train.labels, minlength=len(SENTIMENTS)).astype(np.float32)
@@ -328,7 +328,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 loss = loss_fn(e_logits, gold)
                 if cfg.emotion_sentiment:
                     implied_gold = torch.tensor([implied[i] for i in idx])
-                    if bool((implied_gold >= 0).any()):  # a batch of surprise alone has nothing to add
+                    # A batch of surprise alone has nothing to add (and its mean loss would be 0/0).
+                    if bool((implied_gold != data.NO_SENTIMENT).any()):
                         loss = loss + cfg.emotion_sentiment * implied_loss(s_logits, implied_gold)
             optimizer.zero_grad()
             loss.backward()
