@@ -119,6 +119,7 @@ class RedisClient:
         self.raw: Any = raw  # for pipelines; their execute() goes through call() too
         self._url = url
         self._options = options
+        self._seen: set[tuple[str, int]] = set()  # every cluster node a client of ours has known
 
     @property
     def cluster(self) -> bool:
@@ -154,7 +155,25 @@ class RedisClient:
         finally:
             await trio_asyncio.aio_as_trio(client.raw.aclose)()
 
+    def to_master_of(self, key: str) -> Callable[..., Awaitable[Any]]:
+        """A function (for `call`) that sends a raw command to the master serving `key`.
+
+        redis-py's cluster client finds where a command goes from its keys; for a command whose keys it
+        cannot find alone (XREADGROUP has "movable keys") it first asks one node, its default node, with
+        COMMAND GETKEYS, and PING it sends to every node. With the default node killed, every read of
+        every shard failed before anything reached the shard's own master, and a failure there does not
+        make the client read the slot map again: the shards on live masters said "unavailable" and
+        "back" by turns until some other command failed on the dead node. Routed here by the slot map,
+        a command depends on its own master only (and costs one round trip, not two)."""
+
+        async def send(*command: Any) -> Any:
+            route = {"target_nodes": self.raw.get_node_from_key(key)} if self.cluster else {}
+            return await self.raw.execute_command(*command, **route)
+
+        return send
+
     async def call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        used = self.raw
         try:
             result: T = await trio_asyncio.aio_as_trio(fn)(*args, **kwargs)
             return result
@@ -186,7 +205,7 @@ class RedisClient:
             # The cluster client tripped over its own state while nodes changed: a connection left
             # half-open, a node missing from its map. Start again from a fresh client (it reads the
             # slot map anew); the command is retried like any outage.
-            await self._rebuild()
+            await self._rebuild(used)
             raise StreamUnavailable(
                 f"Redis Cluster client failed during a topology change ({type(exc).__name__}: {exc}); "
                 "reconnected"
@@ -206,9 +225,16 @@ class RedisClient:
                 raise StreamUnavailable(f"Redis refused a command: {message}") from exc
             raise
 
-    async def _rebuild(self) -> None:
-        # Every node the old client knew is a place to start from: REDIS_URL's may be the one that died.
-        known = [ClusterNode(n.host, n.port) for n in self.raw.get_nodes()]
+    async def _rebuild(self, failed: Any) -> None:
+        # Once per broken client: the shards' commands fail on it together, and a second rebuild would
+        # start from the first one's client, which has read no slot map yet and knows no node.
+        if self.raw is not failed:
+            return
+        # Every node any client of ours has known is a place to start from: REDIS_URL's may be the one
+        # that died. (Started from the old client's nodes alone, a rebuild of a client that had not yet
+        # read the map knew REDIS_URL's node only: with that node dead, the worker never read again.)
+        self._seen.update((n.host, n.port) for n in failed.get_nodes())
+        known = [ClusterNode(host, port) for host, port in sorted(self._seen)]
         old, self.raw = self.raw, RedisCluster.from_url(self._url, startup_nodes=known, **self._options)
         with contextlib.suppress(Exception):  # a broken client may fail to close: it is dropped anyway
             await trio_asyncio.aio_as_trio(old.aclose)()

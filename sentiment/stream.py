@@ -65,7 +65,7 @@ class RedisStream(GroupState):
             ) from exc
 
     async def ping(self) -> bool:
-        await self._call(self._redis.ping)
+        await self._call(self._client.to_master_of(self.name), "PING")
         return True
 
     async def ensure_group(self) -> None:
@@ -94,8 +94,11 @@ class RedisStream(GroupState):
         """XREADGROUP from `start` (`>` for new entries, an ID for our own pending ones).
 
         Returns the entries and the IDs of pending entries whose stream entry was deleted."""
+        block = ("BLOCK", block_ms) if block_ms is not None else ()
         reply: Any = await self._call(
-            self._redis.xreadgroup, self.group, self.consumer, {self.name: start}, count=count, block=block_ms
+            self._client.to_master_of(self.name),
+            *("XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count, *block),
+            *("STREAMS", self.name, start),
         )
         entries: list[Entry] = []
         deleted: list[str] = []

@@ -1,5 +1,6 @@
 """A real Redis Cluster (three masters, three replicas, from the installed redis-server) under sharded
-streams: the end-to-end drain, reclaim after a SIGKILLed worker, and a master SIGKILLed mid-run."""
+streams: the end-to-end drain, reclaim after a SIGKILLed worker, a master SIGKILLed mid-run, a graceful
+failover under idle workers, a resharded slot (test_cluster_client.py: the node the client started from)."""
 
 from __future__ import annotations
 
@@ -245,11 +246,12 @@ def test_a_master_killed_mid_run_loses_no_post_and_writes_none_twice(
     )
     assert analysed == distinct == n and left == 0 and codes == [0, 0]
     assert all("Traceback" not in log for log in logs)
-    # Each shard says when its Redis calls start failing and when they work again, once: the shards on
-    # live masters, whose calls kept working, do not flip a shared flag back and forth.
+    # Each shard says when its Redis calls start failing and when they work again: a few times at most
+    # (a replica taking over, the other masters refusing until it has, nodes whose slot maps catch up
+    # one by one), not the many times a second of one flag shared by shards whose calls kept working.
     for log in logs:
         outages = [x.split("WARNING")[-1] for x in log.splitlines() if "Redis" in x and "unavailable" in x]
-        assert len(outages) <= SHARDS, outages
+        assert all(sum(f"({k.stream})" in x for x in outages) <= 3 for k in keys), outages
 
 
 def test_a_shard_resharded_mid_run_is_followed(
