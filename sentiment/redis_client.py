@@ -167,8 +167,12 @@ class RedisClient:
         a command depends on its own master only (and costs one round trip, not two)."""
 
         async def send(*command: Any) -> Any:
-            route = {"target_nodes": self.raw.get_node_from_key(key)} if self.cluster else {}
-            return await self.raw.execute_command(*command, **route)
+            if not self.cluster:
+                return await self.raw.execute_command(*command)
+            # The slot map first: a new or rebuilt client has none yet, and after a connection error
+            # it is stale until read again (execute_command would read it, but only after routing).
+            await self.raw.initialize()
+            return await self.raw.execute_command(*command, target_nodes=self.raw.get_node_from_key(key))
 
         return send
 
