@@ -10,6 +10,7 @@ import signal
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import attrs
 import psycopg
@@ -40,8 +41,9 @@ from ..support.servers import (
 SHARDS = 3
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[ThrowawayCluster]:
+@contextmanager
+def throwaway_cluster() -> Iterator[ThrowawayCluster]:
+    """Three masters and three replicas; a replica takes over a killed master in a second or two."""
     workdir = make_workdir("sentiment-cluster-")
     c = ThrowawayCluster(workdir, node_timeout_ms=1000)
     try:
@@ -50,6 +52,12 @@ def cluster() -> Iterator[ThrowawayCluster]:
     finally:
         c.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[ThrowawayCluster]:
+    with throwaway_cluster() as c:
+        yield c
 
 
 @pytest.fixture

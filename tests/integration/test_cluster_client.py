@@ -3,7 +3,6 @@ asks for the keys of XREADGROUP, and REDIS_URL's, from which a rebuilt client ma
 
 from __future__ import annotations
 
-import shutil
 import signal
 import uuid
 from collections.abc import Iterator
@@ -20,24 +19,18 @@ from sentiment.produce import publish
 from sentiment.redis_client import RedisClient, asyncio_loop
 from sentiment.retry import Health, retrying
 from sentiment.synthetic import synthetic_posts
-from sentiment.tools.throwaway import ThrowawayCluster, make_workdir
+from sentiment.tools.throwaway import ThrowawayCluster
 from sentiment.wiring import open_streams
 
 from ..support.servers import rows, rows_so_far, start_worker, wait_for, worker_env
-from .test_cluster import SHARDS, pending, shards, waiting_on
+from .test_cluster import SHARDS, pending, shards, throwaway_cluster, waiting_on
 
 
 @pytest.fixture
 def own_cluster() -> Iterator[ThrowawayCluster]:
-    """A cluster of the test's own, whole: the module's has lost masters' replicas to the tests above."""
-    workdir = make_workdir("sentiment-cluster-")
-    c = ThrowawayCluster(workdir, node_timeout_ms=1000)
-    try:
-        c.start()
+    """A whole cluster of the test's own: test_cluster.py's shared one loses replicas to its kills."""
+    with throwaway_cluster() as c:
         yield c
-    finally:
-        c.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def key_in_slot_0() -> str:
