@@ -41,6 +41,7 @@ class RedisStream(GroupState):
         max_entry_fields: int,
     ) -> None:
         self._client = client
+        self._on_master = client.to_master_of(stream)  # reads and pings: routed by the slot map
         self.name = stream
         self.group = group
         self.consumer = consumer
@@ -65,7 +66,7 @@ class RedisStream(GroupState):
             ) from exc
 
     async def ping(self) -> bool:
-        await self._call(self._client.to_master_of(self.name), "PING")
+        await self._call(self._on_master, "PING")
         return True
 
     async def ensure_group(self) -> None:
@@ -96,7 +97,7 @@ class RedisStream(GroupState):
         Returns the entries and the IDs of pending entries whose stream entry was deleted."""
         block = ("BLOCK", block_ms) if block_ms is not None else ()
         reply: Any = await self._call(
-            self._client.to_master_of(self.name),
+            self._on_master,
             *("XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count, *block),
             *("STREAMS", self.name, start),
         )

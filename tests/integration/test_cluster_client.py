@@ -33,9 +33,15 @@ def own_cluster() -> Iterator[ThrowawayCluster]:
         yield c
 
 
-def key_in_slot_0() -> str:
-    """A key of slot 0, whose master a cluster client takes for its default node."""
-    return next(k for k in map(str, range(100_000)) if redis.crc.key_slot(k.encode()) == 0)
+# A key of slot 0, whose master a cluster client takes for its default node.
+SLOT_0_KEY = next(k for k in map(str, range(100_000)) if redis.crc.key_slot(k.encode()) == 0)
+
+
+def started_from_slot_0(settings: Settings, cluster: ThrowawayCluster) -> Settings:
+    """Settings for a sharded stream of its own, whose REDIS_URL is slot 0's master."""
+    url = cluster.master_of(SLOT_0_KEY).url
+    stream = f"posts-{uuid.uuid4().hex[:8]}"
+    return attrs.evolve(settings, redis_url=url, stream=stream, stream_shards=SHARDS)
 
 
 async def test_reads_need_only_their_own_master(settings: Settings, own_cluster: ThrowawayCluster) -> None:
@@ -43,15 +49,12 @@ async def test_reads_need_only_their_own_master(settings: Settings, own_cluster:
     # the keys of every XREADGROUP (COMMAND GETKEYS) and sent PING to every node. With that node dead,
     # every shard's read and ping failed before anything reached the shard's own master, and, failing
     # there, never made the client read the slot map again: an idle worker's live shards failed on.
-    first = own_cluster.master_of(key_in_slot_0())
-    s = attrs.evolve(
-        settings, redis_url=first.url, stream=f"posts-{uuid.uuid4().hex[:8]}", stream_shards=SHARDS
-    )
+    s, first = started_from_slot_0(settings, own_cluster), own_cluster.master_of(SLOT_0_KEY)
     async with open_streams(s) as streams:
         for stream in streams:
             await stream.ensure_group()
         live = [x for x in streams if own_cluster.master_of(x.name) is not first]
-        await trio.to_thread.run_sync(own_cluster.kill_master_of, key_in_slot_0())
+        await trio.to_thread.run_sync(own_cluster.kill_master_of, SLOT_0_KEY)
         assert live
         for stream in live:  # at once: no retry
             assert await stream.read(">", 10, None) == ([], [])
@@ -63,17 +66,14 @@ def test_an_idle_worker_reads_on_after_the_node_it_started_from_dies(
 ) -> None:
     # An idle worker (reads are all it sends) started from the node that dies, its cluster client's
     # default node: posts published after the failover are all read, on every shard, by this worker.
-    first = own_cluster.master_of(key_in_slot_0())
-    s = attrs.evolve(
-        settings, redis_url=first.url, stream=f"posts-{uuid.uuid4().hex[:8]}", stream_shards=SHARDS
-    )
+    s = started_from_slot_0(settings, own_cluster)
     keys = shards(s)
     crs = redis.cluster.RedisCluster.from_url(own_cluster.url)
     n = 300
     worker = start_worker(worker_env(s))
     try:
         wait_for(lambda: all(waiting_on(own_cluster, k.stream) == 1 for k in keys), "the worker reading", 60)
-        own_cluster.kill_master_of(key_in_slot_0())
+        own_cluster.kill_master_of(SLOT_0_KEY)
         publish(own_cluster.url, [k.stream for k in keys], synthetic_posts(n, seed=9), progress=False)
         wait_for(lambda: worker.poll() is not None or rows_so_far(s.database_url) == n, "every post", 60)
         wait_for(lambda: worker.poll() is not None or pending(crs, s) == 0, "nothing pending", 30)
@@ -93,22 +93,23 @@ async def test_a_client_rebuilt_by_two_commands_at_once_still_knows_every_node(
     # redis-py; here a target that is not a node). Each rebuilt the client: the second rebuilt the
     # first's new client, which had read no slot map and knew only REDIS_URL's node. With that node
     # killed, the worker never reached Redis again (stuck workers in failover runs under load).
-    key = key_in_slot_0()
     async with (
         asyncio_loop(),
-        RedisClient.open(own_cluster.master_of(key).url, socket_timeout_s=5, mode="yes") as client,
+        RedisClient.open(own_cluster.master_of(SLOT_0_KEY).url, socket_timeout_s=5, mode="yes") as client,
     ):
-        await client.call(client.raw.set, key, "v")  # the slot map is read
+        await client.call(client.raw.set, SLOT_0_KEY, "v")  # the slot map is read
 
         async def trip() -> None:
             with pytest.raises(StreamUnavailable, match="reconnected"):
-                await client.call(client.raw.execute_command, "GET", key, target_nodes=[object()])
+                await client.call(client.raw.execute_command, "GET", SLOT_0_KEY, target_nodes=[object()])
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trip)
             nursery.start_soon(trip)
-        await trio.to_thread.run_sync(own_cluster.kill_master_of, key)
+        await trio.to_thread.run_sync(own_cluster.kill_master_of, SLOT_0_KEY)
         # Through the path reads and readiness pings take (a rebuilt client has read no slot map yet).
         with trio.fail_after(30):
-            got = await retrying(Health("Redis"), client.call, client.to_master_of(key), "GET", key)
+            got = await retrying(
+                Health("Redis"), client.call, client.to_master_of(SLOT_0_KEY), "GET", SLOT_0_KEY
+            )
         assert got in (b"v", None)  # None: the SET may not have reached the replica before the kill
